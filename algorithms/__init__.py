@@ -1,0 +1,1 @@
+"""Objective plugins (installed as diffrl_bench.algorithms)."""

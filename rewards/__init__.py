@@ -1,0 +1,1 @@
+"""Reward plugins (installed as diffrl_bench.rewards)."""
