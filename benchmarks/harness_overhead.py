@@ -1,0 +1,90 @@
+"""Harness overhead: one RL step through the Trainer vs the bare model calls it contains, run directly.
+
+The bare loop makes exactly the same network calls with the same shapes (rollout: steps x chunks forwards of the
+sampling snapshot; training: per item one forward+backward of theta and one forward of each other snapshot; one
+optimizer step per optimizer step) but none of the harness around them (sampler bookkeeping, reward scoring and its
+thread, advantages, loss maths, ledger, metrics). Both run in this one process, interleaved, and the ratio of the
+medians is printed. Usage:
+
+    python benchmarks/harness_overhead.py [--config toy_nft] [--repeats 5] [--threads 2] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def bare_step(trainer, batch_size: int, num_items_per_sample: int, snapshots, micro_batch: int) -> None:
+    cfg = trainer.cfg
+    policy = trainer.policy
+    shape = policy.latent_shape
+    rollout_net = policy._network(trainer.algo.rollout.snapshot)
+    cond = policy.encode_prompts([p.text for p in trainer.train_prompts[:1]] * batch_size)
+    steps = cfg.rollout.sampler.num_steps
+    with torch.no_grad():
+        for start in range(0, batch_size, cfg.rollout.chunk_size):
+            stop = min(start + cfg.rollout.chunk_size, batch_size)
+            x = torch.randn(stop - start, *shape)
+            for _ in range(steps):
+                x = x + 0.1 * rollout_net(x, torch.full((stop - start,), 0.5), cond[start:stop])
+    for start in range(0, batch_size, micro_batch):
+        stop = min(start + micro_batch, batch_size)
+        for _ in range(num_items_per_sample):
+            x = torch.randn(stop - start, *shape)
+            sigma = torch.rand(stop - start)
+            for name in snapshots:
+                if name != "theta":
+                    with torch.no_grad():
+                        policy._network(name)(x, sigma, cond[start:stop])
+            policy.module(x, sigma, cond[start:stop]).square().mean().backward()
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="toy_nft")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    from diffrl_bench.config import load_config
+    from diffrl_bench.train import Trainer
+
+    torch.set_num_threads(args.threads)
+    out = tempfile.mkdtemp(prefix="overhead_")
+    cfg = load_config(args.config, [f"output_dir={out}", "checkpoint.resume=false", f"train.threads={args.threads}",
+                                    *args.overrides])
+    trainer = Trainer(cfg, progress=False)
+    batch = trainer.collect()
+    items = trainer.algo.training_items(batch, torch.arange(batch.x0.shape[0]), cfg.train.micro_batch_size,
+                                        trainer.generators["train"])
+    snapshots = items[0].snapshots
+    per_sample = sum(len(i.index) for i in items) // batch.x0.shape[0]
+    B = batch.x0.shape[0]
+    harness, bare = [], []
+    trainer.rl_step()  # warm-up of both paths
+    bare_step(trainer, B, per_sample, snapshots, cfg.train.micro_batch_size)
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        trainer.rl_step()
+        harness.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        bare_step(trainer, B, per_sample, snapshots, cfg.train.micro_batch_size)
+        bare.append(time.perf_counter() - start)
+    trainer.reward.close()
+    h, b = statistics.median(harness), statistics.median(bare)
+    print(f"config {args.config}: {B} images/step, {per_sample} training items per sample, snapshots {snapshots}, "
+          f"{args.threads} threads")
+    print(f"harness RL step  median {h:.3f} s  (runs: {', '.join(f'{x:.3f}' for x in harness)})")
+    print(f"bare model calls median {b:.3f} s  (runs: {', '.join(f'{x:.3f}' for x in bare)})")
+    print(f"overhead ratio harness / bare = {h / b:.3f}")
+
+
+if __name__ == "__main__":
+    main()

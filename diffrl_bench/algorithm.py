@@ -1,0 +1,81 @@
+"""The objective-plugin protocol.
+
+An algorithm does not drive the loop. It declares what it needs (which snapshot samples the rollouts, which
+snapshots exist and how they decay, whether trajectories are kept) and turns a scored rollout batch into
+`TrainingItem`s: model inputs plus the tensors its loss needs. The harness evaluates the requested snapshots'
+velocities at each item and hands them to the pure `loss` function. See algorithms/nft.py for a complete plugin.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+
+from diffrl_bench.schedules import DecaySchedule
+
+
+@dataclass
+class RolloutRequest:
+    """How the harness must produce rollouts for this algorithm."""
+
+    snapshot: str = "theta"
+    """the policy that samples: `theta`, or a snapshot such as `old` or `sampler`"""
+    keep_trajectory: bool = False
+    """store every latent of the trajectory (trajectory-likelihood methods); otherwise only x0 is kept"""
+
+
+@dataclass
+class RolloutBatch:
+    """One RL step's scored samples, as the harness hands them to the algorithm."""
+
+    x0: torch.Tensor
+    """final samples in latent space, (B, C, H, W)"""
+    cond: Any
+    """the backend's prompt conditioning, indexable by sample"""
+    prompts: List[str]
+    metadata: List[Dict[str, Any]]
+    group_ids: torch.Tensor
+    """(B,) long: samples with the same id share a prompt"""
+    rewards: torch.Tensor
+    """(B,) float64 training reward (weighted sum of the components)"""
+    advantages: torch.Tensor
+    """(B,) float64 group-relative advantages from the `advantage` config (not clipped)"""
+    sigmas: torch.Tensor
+    """the rollout sampler's sigma grid"""
+    trajectory: Optional[torch.Tensor] = None
+    """(N+1, B, C, H, W) when the rollout request asked for it"""
+
+
+@dataclass
+class TrainingItem:
+    """One forward/backward unit: the harness computes `velocities[s] = v_s(x, sigma | cond[index])`."""
+
+    index: torch.Tensor
+    """which samples of the batch this item covers"""
+    x: torch.Tensor
+    """model input x_t"""
+    sigma: torch.Tensor
+    """(len(index),) times on the 0-1 scale"""
+    snapshots: Tuple[str, ...]
+    """snapshots to evaluate; `theta` is evaluated with gradients, the others without"""
+    data: Dict[str, torch.Tensor] = field(default_factory=dict)
+    """whatever tensors the loss needs (x0, eps, advantages, ...)"""
+    cfg_scale: float = 1.0
+    """guidance used for every snapshot of this item"""
+
+
+class Algorithm(Protocol):
+    """What an objective plugin provides (registered with `@ALGORITHMS.register(name)`)."""
+
+    Config: type
+    """a dataclass of the algorithm's options (the `algo` section of a run config)"""
+
+    rollout: RolloutRequest
+    snapshots: Dict[str, Optional[DecaySchedule]]
+    """snapshot name -> decay schedule applied after each RL step (None: frozen, e.g. `ref`)"""
+
+    def training_items(self, batch: RolloutBatch, indices: torch.Tensor, micro_batch_size: int,
+                       generator: torch.Generator) -> Sequence[TrainingItem]: ...
+
+    def loss(self, item: TrainingItem, velocities: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]: ...

@@ -1,0 +1,128 @@
+"""`diffrl-bench`: train, list, parity, eval and pretrain-toy."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+log = logging.getLogger("diffrl_bench")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("accelerate", "diffusers", "urllib3", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_train(args) -> int:
+    from diffrl_bench.config import load_config
+    from diffrl_bench.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    out = train(cfg, progress=not args.no_progress)
+    print(f"results: {out}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from diffrl_bench.config import CONFIG_DIR
+    from diffrl_bench.registry import ALGORITHMS, MODELS, REWARDS, SAMPLERS
+
+    for title, registry in (("algorithms", ALGORITHMS), ("rewards", REWARDS), ("samplers", SAMPLERS),
+                            ("model backends", MODELS)):
+        print(f"{title}:")
+        for name in registry.names():
+            doc = (getattr(registry.get(name), "__doc__", None) or "").strip().splitlines()
+            print(f"  {name:<18} {doc[0] if doc else ''}")
+    print("configs:")
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        print(f"  {path.stem}")
+    return 0
+
+
+def cmd_parity(args) -> int:
+    from diffrl_bench.parity import parity_main
+
+    return parity_main(args.directory, kinds=args.kind or None)
+
+
+def cmd_pretrain(args) -> int:
+    import torch
+
+    from diffrl_bench.toy.pretrain import PretrainConfig, pretrain
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pretrain(PretrainConfig(samples=args.samples, batch_size=args.batch_size, lr=args.lr, seed=args.seed), args.out)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from diffrl_bench.config import load_config
+    from diffrl_bench.evaluate import evaluate
+    from diffrl_bench.prompts import load_prompts
+    from diffrl_bench.registry import MODELS
+    from diffrl_bench.reward_harness import build_reward
+
+    cfg = load_config(args.config, args.overrides)
+    policy = MODELS.get(cfg.model.backend)(path=cfg.model.path)
+    rewards = {name: build_reward(name, dict(cfg.reward.options.get(name, {}))) for name in cfg.eval.rewards}
+    metrics, _, _ = evaluate(policy, load_prompts(cfg.data.eval_prompts, "data.eval_prompts"), cfg.eval, rewards,
+                             progress=True)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffrl-bench", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one run from a config (a YAML path or a shipped config name)")
+    p.add_argument("config", help="YAML file, or the name of a shipped config (see `list`)")
+    p.add_argument("overrides", nargs="*", help="omegaconf dot-list overrides, e.g. train.steps=50 optim.lr=3e-4")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("list", help="registered algorithms, rewards, samplers, model backends and shipped configs")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("parity", help="check the implementations against reference vectors of the original code")
+    p.add_argument("directory", help="a directory of parity case files (*.json)")
+    p.add_argument("--kind", action="append", help="only cases of this kind (repeatable)")
+    p.set_defaults(func=cmd_parity)
+
+    p = sub.add_parser("eval", help="evaluate a model (config's model.path) on the held-out prompts")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("pretrain-toy", help="pretrain the toy benchmark's base model with flow matching")
+    p.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+    p.add_argument("--samples", type=int, default=100_000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_pretrain)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from diffrl_bench.config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as error:
+        log.error("%s", error)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

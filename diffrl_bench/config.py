@@ -1,0 +1,271 @@
+"""Structured run configuration (omegaconf dataclasses), loading, overrides and validation.
+
+A run is described by one `RunConfig`. YAML files and `key=value` dot-list overrides are merged onto the schema;
+an unknown key or a value of the wrong type stops the run before any work, with the key path in the message.
+The `algo` section is validated against the chosen algorithm's own config dataclass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the offending key path."""
+
+
+@dataclass
+class ModelConfig:
+    backend: str = "toy_unet"
+    """registered model backend (`diffrl-bench list` shows them)"""
+    path: str = "builtin:toy_base"
+    """weights: a local directory or hub id; `builtin:toy_base` is the pretrained toy base shipped with the package"""
+
+
+@dataclass
+class DataConfig:
+    train_prompts: str = "toy:train"
+    """training prompts: `toy:train`, `toy:heldout`, `toy:all`"""
+    eval_prompts: str = "toy:heldout"
+    """held-out evaluation prompts, same forms"""
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "dpm2"
+    """registered sampler: `euler` (ODE) or `dpm2` (DPM-Solver++(2M))"""
+    num_steps: int = 10
+    """solver steps"""
+    shift: float = 1.0
+    """timestep shift of the flow sigma grid (SD3 uses 3.0; the 16 px toy model uses 1.0)"""
+    cfg_scale: float = 1.0
+    """classifier-free guidance scale; 1.0 disables CFG (one model call per step)"""
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 4
+    """distinct prompts per RL step"""
+    images_per_prompt: int = 8
+    """group size K: images per prompt"""
+    chunk_size: int = 16
+    """images sampled per model call; rewards of one chunk run while the next is sampled"""
+    same_noise_per_group: bool = False
+    """give every image of a group the same initial noise"""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """the solver used for training rollouts"""
+
+
+@dataclass
+class RewardConfig:
+    components: Dict[str, float] = field(default_factory=lambda: {"toy_geneval": 1.0})
+    """reward name -> weight; the training reward is the weighted sum, each component is logged"""
+    options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    """reward name -> constructor options"""
+    worker: str = "thread"
+    """`thread`: score off the main thread, overlapping the next rollout chunk; `inline`: score in place"""
+
+
+@dataclass
+class AdvantageConfig:
+    std: str = "global"
+    """normaliser of group-relative advantages: `global` (std of all rewards of the step) or `group`"""
+    clip: float = 5.0
+    """advantages are clipped to [-clip, clip] by the losses that use clipping"""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """AdamW learning rate"""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    eps: float = 1e-8
+    """AdamW epsilon"""
+    grad_clip: float = 1.0
+    """max gradient norm; 0 disables clipping"""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    """RL steps (one rollout batch and its optimizer updates each)"""
+    optimizer_steps_per_rollout: int = 1
+    """optimizer steps per rollout batch; the batch is split evenly"""
+    micro_batch_size: int = 8
+    """samples per forward/backward; gradients are accumulated up to one optimizer step"""
+    seed: int = 0
+    """seeds the model-independent randomness (prompts, noise, timesteps)"""
+    mixed_precision: str = "auto"
+    """`auto` (fp32 on CPU, bf16 on GPU), `no`, `bf16` or `fp16`"""
+    threads: int = 0
+    """torch intra-op threads on CPU; 0 leaves the default"""
+    device: str = "auto"
+    """`auto`, `cpu` or `cuda`"""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50
+    """evaluate every this many RL steps (and at the start and the end); 0 disables periodic eval"""
+    images_per_prompt: int = 32
+    """images per held-out prompt (fixed noise, so curves are paired across steps and runs)"""
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """the solver used for evaluation"""
+    rewards: List[str] = field(default_factory=lambda: ["toy_geneval", "toy_naturalness"])
+    """rewards scored at eval: the training reward and held-out ones (a gap exposes reward hacking)"""
+    batch_size: int = 256
+    """images per sampling call at eval"""
+    grid_prompts: int = 8
+    """held-out prompts shown in the image grids (4 images each)"""
+    seed: int = 1234
+    """seeds the evaluation noise, identical for every run"""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50
+    """save a checkpoint every this many RL steps (and at the end); 0 disables"""
+    keep_last: int = 2
+    """checkpoints kept on disk"""
+    resume: bool = True
+    """continue from the newest checkpoint in the output directory if there is one"""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """run name (used in the default output directory)"""
+    output_dir: str = ""
+    """results folder; empty means results/runs/<name>"""
+    algorithm: str = "nft"
+    """registered algorithm (objective plugin)"""
+    algo: Dict[str, Any] = field(default_factory=dict)
+    """options of the chosen algorithm, validated against its config dataclass"""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def _explain(error: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(error, "full_key", None) or "?"
+    reason = str(error).splitlines()[0]
+    return ConfigError(f"{source}: bad config key '{key}': {reason}")
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a shipped config (`toy_nft` -> diffrl_bench/configs/toy_nft.yaml)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config {name_or_path!r} is neither a file nor a shipped config ({known})")
+
+
+def load_config(name_or_path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema <- YAML file <- dot-list overrides, then validation of the algorithm section."""
+    schema = OmegaConf.structured(RunConfig)
+    merged = schema
+    if name_or_path:
+        path = resolve_config_path(name_or_path)
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as error:
+            raise _explain(error, str(path)) from None
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} is not of the form key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+        except OmegaConfBaseException as error:
+            raise _explain(error, f"override {override!r}") from None
+    validate(merged)
+    return merged
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks beyond types: choices, ranges, and the algorithm's own options."""
+    from diffrl_bench.registry import ALGORITHMS, MODELS, REWARDS, SAMPLERS
+
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"bad config key '{key}': {message}")
+
+    need(cfg.algorithm in ALGORITHMS, "algorithm", f"unknown algorithm {cfg.algorithm!r}; known: {ALGORITHMS.names()}")
+    need(cfg.model.backend in MODELS, "model.backend", f"unknown model backend {cfg.model.backend!r}; known: {MODELS.names()}")
+    for key in ("rollout.sampler", "eval.sampler"):
+        sampler = OmegaConf.select(cfg, key)
+        need(sampler.name in SAMPLERS, f"{key}.name", f"unknown sampler {sampler.name!r}; known: {SAMPLERS.names()}")
+        need(sampler.num_steps >= 1, f"{key}.num_steps", "must be at least 1")
+        need(sampler.shift > 0, f"{key}.shift", "must be positive")
+    for name, weight in cfg.reward.components.items():
+        need(name in REWARDS, f"reward.components.{name}", f"unknown reward; known: {REWARDS.names()}")
+        need(isinstance(weight, (int, float)), f"reward.components.{name}", f"weight {weight!r} is not a number")
+    for name in cfg.reward.options:
+        need(name in cfg.reward.components, f"reward.options.{name}", "options given for a reward that is not a component")
+    for name in cfg.eval.rewards:
+        need(name in REWARDS, "eval.rewards", f"unknown reward {name!r}; known: {REWARDS.names()}")
+    need(cfg.reward.worker in ("thread", "inline"), "reward.worker", f"{cfg.reward.worker!r} is not 'thread' or 'inline'")
+    need(cfg.advantage.std in ("global", "group"), "advantage.std", f"{cfg.advantage.std!r} is not 'global' or 'group'")
+    need(cfg.rollout.images_per_prompt >= 2, "rollout.images_per_prompt", "group-relative advantages need K >= 2")
+    need(cfg.rollout.prompts_per_step >= 1, "rollout.prompts_per_step", "must be at least 1")
+    need(cfg.rollout.chunk_size >= 1, "rollout.chunk_size", "must be at least 1")
+    need(cfg.train.steps >= 0, "train.steps", "must be non-negative")
+    need(cfg.train.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1")
+    batch = cfg.rollout.prompts_per_step * cfg.rollout.images_per_prompt
+    need(batch % cfg.train.optimizer_steps_per_rollout == 0, "train.optimizer_steps_per_rollout",
+         f"must divide the rollout batch ({batch} images)")
+    need(cfg.train.mixed_precision in ("auto", "no", "bf16", "fp16"), "train.mixed_precision",
+         f"{cfg.train.mixed_precision!r} is not one of auto, no, bf16, fp16")
+    need(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", f"{cfg.train.device!r} is not auto, cpu or cuda")
+    need(len(cfg.optim.betas) == 2, "optim.betas", "needs two values")
+    need(cfg.optim.lr > 0, "optim.lr", "must be positive")
+    algo_config(cfg)
+
+
+def algo_config(cfg: DictConfig) -> Any:
+    """The `algo` section as the chosen algorithm's config dataclass (unknown keys and bad types raise)."""
+    from diffrl_bench.registry import ALGORITHMS
+
+    algorithm = ALGORITHMS.get(cfg.algorithm)
+    schema = getattr(algorithm, "Config", None)
+    if schema is None or not is_dataclass(schema):
+        raise ConfigError(f"algorithm {cfg.algorithm!r} has no Config dataclass")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg.algo)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "?"
+        raise ConfigError(f"bad config key 'algo.{key}': {str(error).splitlines()[0]} "
+                          f"(options of {cfg.algorithm!r}: {[f.name for f in fields(schema)]})") from None
+    options = OmegaConf.to_object(merged)
+    check = getattr(options, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as error:
+            raise ConfigError(f"bad config key 'algo': {error}") from None
+    return options
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    """Write the resolved config (with the algorithm section filled with its defaults)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["algo"] = OmegaConf.to_container(OmegaConf.structured(algo_config(cfg)))
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))

@@ -1,0 +1,88 @@
+"""The cost ledger: what each run spent, per phase, in the units the papers report.
+
+Phases are timed on the main process's wall clock. `rollout`, `reward` and `train` make up the budget;
+`eval` is logged but kept out of it. Device-seconds are world size x wall seconds; GPU-hours (device-hours) are
+their cumulative sum / 3600, with the device kind recorded beside them. When rewards run in a worker thread
+overlapping the next rollout chunk, `reward` counts only the time the main process waited for them, so the budget
+phases add up to the wall time actually spent.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Dict, Iterator
+
+PHASES = ("rollout", "reward", "train", "eval")
+BUDGET_PHASES = ("rollout", "reward", "train")
+
+
+class CostLedger:
+    def __init__(self, world_size: int = 1, device_kind: str = "cpu"):
+        self.world_size = world_size
+        self.device_kind = device_kind
+        self.wall_s: Dict[str, float] = {p: 0.0 for p in PHASES}
+        self.nfe: Dict[str, int] = {p: 0 for p in PHASES}
+        self.images = 0
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if name not in self.wall_s:
+            raise KeyError(f"unknown ledger phase {name!r}; phases: {PHASES}")
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.wall_s[name] += time.perf_counter() - start
+
+    def add_time(self, name: str, seconds: float) -> None:
+        self.wall_s[name] += seconds
+
+    def add_nfe(self, name: str, count: int) -> None:
+        """Network function evaluations, counted per sample (a batch of 8 images at 10 steps is 80)."""
+        self.nfe[name] += int(count)
+
+    def add_images(self, count: int) -> None:
+        """Training images generated (eval images are not counted)."""
+        self.images += int(count)
+
+    def device_seconds(self, name: str) -> float:
+        return self.wall_s[name] * self.world_size
+
+    @property
+    def budget_device_seconds(self) -> float:
+        return sum(self.device_seconds(p) for p in BUDGET_PHASES)
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.budget_device_seconds / 3600.0
+
+    @property
+    def budget_nfe(self) -> int:
+        return sum(self.nfe[p] for p in BUDGET_PHASES)
+
+    def columns(self) -> Dict[str, float]:
+        """The `cost/*` columns of the metrics table (all cumulative)."""
+        row: Dict[str, float] = {}
+        for p in PHASES:
+            row[f"cost/{p}_s"] = self.wall_s[p]
+            row[f"cost/{p}_device_s"] = self.device_seconds(p)
+            row[f"cost/nfe_{p}"] = self.nfe[p]
+        row["cost/device_s"] = self.budget_device_seconds
+        row["cost/gpu_hours"] = self.gpu_hours
+        row["cost/nfe"] = self.budget_nfe
+        row["cost/images"] = self.images
+        row["cost/world_size"] = self.world_size
+        return row
+
+    def state_dict(self) -> dict:
+        return {"world_size": self.world_size, "device_kind": self.device_kind, "wall_s": dict(self.wall_s),
+                "nfe": dict(self.nfe), "images": self.images}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.wall_s = {p: float(state["wall_s"][p]) for p in PHASES}
+        self.nfe = {p: int(state["nfe"][p]) for p in PHASES}
+        self.images = int(state["images"])
+        # A resumed run may run on another world size; what was spent before keeps its own device-seconds.
+        if state["world_size"] != self.world_size:
+            scale = state["world_size"] / self.world_size
+            self.wall_s = {p: s * scale for p, s in self.wall_s.items()}

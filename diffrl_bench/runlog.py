@@ -1,0 +1,79 @@
+"""The run's records: the metrics table (JSON lines, one row per RL step, converted to CSV) and run facts."""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Dict, List
+
+TRACKED_PACKAGES = ("diffrl-bench", "torch", "diffusers", "transformers", "accelerate", "peft", "deepspeed",
+                    "omegaconf", "numpy", "pandas")
+
+
+class MetricsLog:
+    """Append-only `metrics.jsonl`; `metrics.csv` is regenerated from it (a tidy table: one row per step)."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / "metrics.jsonl"
+        self.csv_path = directory / "metrics.csv"
+
+    def append(self, row: Dict[str, float]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(clean) + "\n")
+            handle.flush()
+
+    def rows(self) -> List[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, step: int) -> int:
+        """Drop rows logged after `step` (a resumed run redoes them); returns how many were dropped."""
+        rows = self.rows()
+        kept = [r for r in rows if r.get("step", -1) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return len(rows) - len(kept)
+
+    def to_frame(self):
+        import pandas as pd
+
+        rows = self.rows()
+        if not rows:
+            return pd.DataFrame()
+        # Eval rows and train rows of one step are merged into that step's row.
+        frame = pd.DataFrame(rows).groupby("step", as_index=False).last()
+        return frame
+
+    def write_csv(self):
+        frame = self.to_frame()
+        frame.to_csv(self.csv_path, index=False)
+        return frame
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5)
+        if commit.returncode != 0:
+            return "unknown"
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_info(device_kind: str, world_size: int) -> dict:
+    packages = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    return {"git_commit": git_commit(), "packages": packages, "python": sys.version.split()[0],
+            "platform": platform.platform(), "device_kind": device_kind, "world_size": world_size,
+            "command": sys.argv}

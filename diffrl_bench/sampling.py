@@ -1,0 +1,162 @@
+"""Deterministic rollout samplers for rectified-flow models: ODE Euler and DPM-Solver++(2M).
+
+Conventions (see METHODS.md): `x_t = (1 - t) x0 + t eps`, t = sigma in [0, 1], t = 1 is pure noise, and the model
+predicts a velocity `v ~ eps - x0`. A sampler integrates from `sigmas[0]` (usually 1) down to `sigmas[-1] = 0`.
+
+Both samplers are pure functions of a velocity callable, an initial latent and a sigma grid, and return a `Rollout`.
+They are registered in `SAMPLERS` as "euler" and "dpm2".
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+
+from diffrl_bench.registry import SAMPLERS
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""`v = fn(x, sigma)`: `x` is (B, ...), `sigma` a (B,) tensor holding the same per-step time (0-1 scale) for every
+sample."""
+
+
+@dataclass
+class Rollout:
+    """What a sampler returns.
+
+    Attributes:
+        x0: the final sample (B, ...).
+        sigmas: the sigma grid that was integrated over, (N+1,).
+        nfe: number of model (velocity) calls made.
+        trajectory: (N+1, B, ...) latents including the start and the end; only when asked for.
+    """
+
+    x0: torch.Tensor
+    sigmas: torch.Tensor
+    nfe: int
+    trajectory: Optional[torch.Tensor] = None
+
+
+def flow_sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
+    """The sigma grid of diffusers' `FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps)`.
+
+    Reproduced value for value (diffusers rounds the grid to float32; the float32 values are returned as float64).
+    The scheduler first builds its 1000-step training grid in float32 to find `sigma_min`/`sigma_max`, then
+    spaces `num_steps` points between them in float64, applies the shift and casts to float32; each of those roundings
+    is mirrored here so the grid matches bit for bit.
+
+    Returns:
+        float64 tensor of shape (num_steps + 1,), decreasing, ending in 0.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    num_train = 1000
+    # The scheduler's training grid, float32: only its two ends are used (sigma(t=1000) and sigma(t=1)).
+    train_t = torch.tensor([float(num_train), 1.0], dtype=torch.float32)
+    train_s = train_t / num_train
+    train_s = shift * train_s / (1 + (shift - 1) * train_s)
+    sigma_max, sigma_min = (float(v) for v in train_s)
+    # Inference grid: float64 numpy linspace on the 0-1000 scale, shift again, then round to float32.
+    timesteps = np.linspace(sigma_max * num_train, sigma_min * num_train, num_steps)
+    sig = timesteps / num_train
+    sig = shift * sig / (1 + (shift - 1) * sig)
+    sig32 = torch.from_numpy(sig).to(torch.float32)
+    return torch.cat([sig32, torch.zeros(1, dtype=torch.float32)]).to(torch.float64)
+
+
+def _time_dtype(x: torch.Tensor) -> torch.dtype:
+    """The latent's dtype, but never below float32: bf16 would move e.g. sigma 0.9601 to 0.9609."""
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _sigma_batch(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The (B,) time tensor handed to the model, on the latent's device."""
+    return torch.full((x.shape[0],), sigma, dtype=_time_dtype(x), device=x.device)
+
+
+def _model_sigma(x: torch.Tensor, sigma: float, model_time: Optional[Callable[[torch.Tensor], torch.Tensor]]):
+    """Sigma as seen by the model: optionally remapped (e.g. the SD3 pipeline's integer-timestep truncation).
+
+    The map is applied in float64 so that e.g. `floor(sigma * 1000)` sees the exact grid value, then cast."""
+    tau = torch.full((x.shape[0],), sigma, dtype=torch.float64, device=x.device)
+    if model_time is not None:
+        tau = model_time(tau)
+    return tau.to(_time_dtype(x))
+
+
+@SAMPLERS.register("euler")
+def euler_sample(
+    velocity_fn: VelocityFn,
+    x_init: torch.Tensor,
+    sigmas: torch.Tensor,
+    keep_trajectory: bool = False,
+) -> Rollout:
+    """First-order ODE sampler: `x' = x + v(x, sigma) (sigma' - sigma)`, one model call per step."""
+    grid = [float(s) for s in sigmas]
+    x = x_init
+    states: List[torch.Tensor] = [x] if keep_trajectory else []
+    for sigma, sigma_next in zip(grid[:-1], grid[1:]):
+        v = velocity_fn(x, _sigma_batch(x, sigma))
+        x = x + v * (sigma_next - sigma)
+        if keep_trajectory:
+            states.append(x)
+    trajectory = torch.stack(states) if keep_trajectory else None
+    return Rollout(x0=x, sigmas=sigmas, nfe=len(grid) - 1, trajectory=trajectory)
+
+
+def _log_snr(sigma: float) -> float:
+    """lambda = log(alpha / sigma) with alpha = 1 - sigma; -inf at sigma = 1 and +inf at sigma = 0 on purpose."""
+    if sigma >= 1.0:
+        return -math.inf
+    if sigma <= 0.0:
+        return math.inf
+    return math.log1p(-sigma) - math.log(sigma)
+
+
+@SAMPLERS.register("dpm2")
+def dpm2_sample(
+    velocity_fn: VelocityFn,
+    x_init: torch.Tensor,
+    sigmas: torch.Tensor,
+    keep_trajectory: bool = False,
+    model_time: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> Rollout:
+    """DPM-Solver++(2M), data-prediction form, on flow sigmas (alpha = 1 - sigma).
+
+    Each step predicts `m = x - sigma v` (the x0-prediction) and moves from sigma_s to sigma_t, h = lambda_t - lambda_s:
+      first order (DDIM, eta 0):  x_t = (sigma_t / sigma_s) x - alpha_t expm1(-h) m
+      second order (multistep):   ... - 0.5 alpha_t expm1(-h) (h / h_prev) (m - m_prev)
+    The first and the last step are first order (the last one lands on sigma = 0, where it returns `m` exactly).
+    At step 1 the previous step started at sigma = 1, so h_prev = +inf and the correction is exactly 0, as in the
+    original solver, where `lambda(1) = -inf` propagates; it is special-cased here instead of relying on inf arithmetic.
+
+    Args:
+        model_time: maps the (B,) float64 sigma handed to the model (e.g. `floor(sigma * 1000) / 1000`, what the SD3
+            pipeline's integer timesteps give the transformer). The update formulas always use the true sigmas.
+    """
+    grid = [float(s) for s in sigmas]
+    num_steps = len(grid) - 1
+    x = x_init
+    states: List[torch.Tensor] = [x] if keep_trajectory else []
+    m_prev: Optional[torch.Tensor] = None
+    h_prev = math.inf
+    for i in range(num_steps):
+        s, t = grid[i], grid[i + 1]
+        v = velocity_fn(x, _model_sigma(x, s, model_time))
+        m = x - s * v
+        lam_s, lam_t = _log_snr(s), _log_snr(t)
+        h = lam_t - lam_s
+        alpha_t = 1.0 - t
+        # -expm1(-h) = 1 - sigma_t alpha_s / (alpha_t sigma_s); h = +inf (start at 1 or land on 0) gives exactly 1.
+        phi = -math.expm1(-h)
+        x_next = (t / s) * x + (alpha_t * phi) * m
+        second_order = 0 < i < num_steps - 1 and m_prev is not None and math.isfinite(h_prev)
+        if second_order:
+            x_next = x_next + (0.5 * alpha_t * phi * h / h_prev) * (m - m_prev)
+        x, m_prev, h_prev = x_next, m, h
+        if keep_trajectory:
+            states.append(x)
+    trajectory = torch.stack(states) if keep_trajectory else None
+    return Rollout(x0=x, sigmas=sigmas, nfe=num_steps, trajectory=trajectory)

@@ -1,0 +1,288 @@
+"""The training loop: rollout -> reward -> advantages -> algorithm loss -> optimizer -> snapshots -> ledger.
+
+It is algorithm- and reward-agnostic: everything method-specific comes from the algorithm plugin (what to sample
+with, which snapshots to keep, what to train on, the pure loss). The loop owns every model call, gradient
+accumulation (on accelerate), evaluation, checkpoints and the cost ledger.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from diffrl_bench.advantages import group_advantages, zero_variance_mask
+from diffrl_bench.algorithm import RolloutBatch
+from diffrl_bench.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffrl_bench.config import algo_config, save_config
+from diffrl_bench.evaluate import evaluate
+from diffrl_bench.ledger import CostLedger
+from diffrl_bench.models import THETA, index_condition
+from diffrl_bench.plots import plot_reward_vs_cost, save_image_grid
+from diffrl_bench.prompts import load_prompts
+from diffrl_bench.registry import ALGORITHMS, MODELS, SAMPLERS
+from diffrl_bench.reward_harness import WeightedReward, build_reward
+from diffrl_bench.runlog import MetricsLog, run_info
+from diffrl_bench.sampling import flow_sigmas
+
+log = logging.getLogger("diffrl_bench")
+
+GRID_IMAGES_PER_PROMPT = 4
+
+
+def output_dir_of(cfg: DictConfig) -> Path:
+    return Path(cfg.output_dir or f"results/runs/{cfg.name}")
+
+
+def _device_kind(accelerator) -> str:
+    if accelerator.device.type == "cuda":
+        return torch.cuda.get_device_name(accelerator.device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, progress: bool = True):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.progress = progress
+        self.out = output_dir_of(cfg)
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        want_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+        precision = cfg.train.mixed_precision
+        if precision == "auto":
+            precision = "no" if want_cpu else "bf16"
+        self.accelerator = Accelerator(cpu=want_cpu, mixed_precision=precision)
+        device = self.accelerator.device
+
+        self.policy = MODELS.get(cfg.model.backend)(path=cfg.model.path, device=device)
+        self.algo = ALGORITHMS.get(cfg.algorithm)(algo_config(cfg), cfg)
+        for name in self.algo.snapshots:
+            self.policy.add_snapshot(name)
+        if self.algo.rollout.snapshot != THETA and self.algo.rollout.snapshot not in self.algo.snapshots:
+            raise ValueError(f"algorithm {cfg.algorithm!r} samples with snapshot {self.algo.rollout.snapshot!r} "
+                             f"but declares only {list(self.algo.snapshots)}")
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=o.lr, betas=tuple(o.betas),
+                                      weight_decay=o.weight_decay, eps=o.eps)
+        self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.core, optimizer)
+
+        self.reward = WeightedReward(dict(cfg.reward.components), OmegaConf.to_container(cfg.reward.options),
+                                     worker=cfg.reward.worker)
+        options = OmegaConf.to_container(cfg.reward.options)
+        self.eval_rewards = {name: build_reward(name, options.get(name)) for name in cfg.eval.rewards}
+        self.train_prompts = load_prompts(cfg.data.train_prompts, "data.train_prompts")
+        self.eval_prompts = load_prompts(cfg.data.eval_prompts, "data.eval_prompts")
+
+        seed = cfg.train.seed
+        # Separate streams, so that e.g. changing the micro-batch size does not change which prompts are drawn.
+        self.generators: Dict[str, torch.Generator] = {
+            "prompts": torch.Generator().manual_seed(seed * 1000 + 1),
+            "noise": torch.Generator().manual_seed(seed * 1000 + 2),
+            "train": torch.Generator().manual_seed(seed * 1000 + 3),
+        }
+        self.ledger = CostLedger(world_size=self.accelerator.num_processes, device_kind=_device_kind(self.accelerator))
+        self.sigmas = flow_sigmas(cfg.rollout.sampler.num_steps, cfg.rollout.sampler.shift)
+        self.step = 0
+        self.optimizer_steps = 0
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLog(self.out)
+        self.checkpoints = self.out / "checkpoints"
+        if cfg.checkpoint.resume:
+            self._maybe_resume()
+
+    # ----------------------------------------------------------------------------------------------- rollout
+    def collect(self) -> RolloutBatch:
+        """Sample P prompts x K images with the algorithm's sampling snapshot, scoring chunks as they finish."""
+        r = self.cfg.rollout
+        P, K = r.prompts_per_step, r.images_per_prompt
+        g = self.generators
+        if P <= len(self.train_prompts):
+            chosen = torch.randperm(len(self.train_prompts), generator=g["prompts"])[:P]
+        else:
+            chosen = torch.randint(len(self.train_prompts), (P,), generator=g["prompts"])
+        prompts = [self.train_prompts[int(i)] for i in chosen for _ in range(K)]
+        texts = [p.text for p in prompts]
+        metadata = [p.metadata for p in prompts]
+        group_ids = torch.arange(P).repeat_interleave(K)
+        shape = self.policy.latent_shape
+        if r.same_noise_per_group:
+            noise = torch.randn((P, *shape), generator=g["noise"]).repeat_interleave(K, dim=0)
+        else:
+            noise = torch.randn((P * K, *shape), generator=g["noise"])
+        sampler = SAMPLERS.get(r.sampler.name)
+        snapshot = self.algo.rollout.snapshot
+        cfg_scale = r.sampler.cfg_scale
+        x0s, trajectories, futures = [], [], []
+        with torch.no_grad():
+            cond = self.policy.encode_prompts(texts)
+            for start in range(0, P * K, r.chunk_size):
+                stop = min(start + r.chunk_size, P * K)
+                with self.ledger.phase("rollout"):
+                    chunk_cond = index_condition(cond, slice(start, stop))
+
+                    def velocity(x, sigma, c=chunk_cond):
+                        return self.policy.velocity(x, sigma, c, snapshot=snapshot, cfg_scale=cfg_scale)
+
+                    rollout = sampler(velocity, noise[start:stop].to(self.policy.device), self.sigmas,
+                                      keep_trajectory=self.algo.rollout.keep_trajectory)
+                    images = self.policy.decode(rollout.x0).cpu()
+                self.ledger.add_nfe("rollout", rollout.nfe * (stop - start) * (2 if cfg_scale != 1.0 else 1))
+                x0s.append(rollout.x0)
+                if rollout.trajectory is not None:
+                    trajectories.append(rollout.trajectory)
+                futures.append(self.reward.submit(images, texts[start:stop], metadata[start:stop]))
+            with self.ledger.phase("reward"):
+                results = [f.result() for f in futures]
+        self.ledger.add_images(P * K)
+        scores = {key: torch.cat([res[key] for res in results]) for key in results[0]}
+        rewards = scores[WeightedReward.TOTAL].double()
+        advantages = group_advantages(rewards, group_ids, std=self.cfg.advantage.std)
+        batch = RolloutBatch(x0=torch.cat(x0s), cond=cond, prompts=texts, metadata=metadata, group_ids=group_ids,
+                             rewards=rewards, advantages=advantages, sigmas=self.sigmas,
+                             trajectory=torch.cat(trajectories, dim=1) if trajectories else None)
+        self._last_scores = scores
+        return batch
+
+    # ------------------------------------------------------------------------------------------------- train
+    def optimize(self, batch: RolloutBatch) -> Dict[str, float]:
+        """The algorithm's loss over the batch, split into optimizer steps with gradient accumulation."""
+        t = self.cfg.train
+        sums: Dict[str, float] = {}
+        params = self.policy.trainable_parameters()
+        grad_norms = []
+        order = torch.randperm(batch.x0.shape[0], generator=self.generators["train"])
+        for indices in order.chunk(t.optimizer_steps_per_rollout):
+            items = self.algo.training_items(batch, indices, t.micro_batch_size, self.generators["train"])
+            total = sum(len(item.index) for item in items)
+            for k, item in enumerate(items):
+                cond = index_condition(batch.cond, item.index)
+                with self.accelerator.autocast():
+                    velocities = {s: self.policy.velocity(item.x, item.sigma, cond, snapshot=s, cfg_scale=item.cfg_scale)
+                                  for s in item.snapshots}
+                loss, metrics = self.algo.loss(item, velocities)
+                weight = len(item.index) / total
+                last = k == len(items) - 1
+                sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy.module)
+                with sync:
+                    self.accelerator.backward(loss * weight)
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.double().mean()) * weight / len(order.chunk(
+                        t.optimizer_steps_per_rollout))
+                calls = len(item.snapshots) * (2 if item.cfg_scale != 1.0 else 1)
+                self.ledger.add_nfe("train", len(item.index) * calls)
+            if self.cfg.optim.grad_clip > 0:
+                grad_norms.append(float(self.accelerator.clip_grad_norm_(params, self.cfg.optim.grad_clip)))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer_steps += 1
+        decays = {}
+        for name, schedule in self.algo.snapshots.items():
+            if schedule is not None:
+                decays[name] = schedule(self.optimizer_steps)
+                self.policy.update_snapshot(name, decays[name])
+        row = {f"loss/{k}": v for k, v in sums.items()}
+        if grad_norms:
+            row["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        row.update({f"train/decay_{name}": d for name, d in decays.items()})
+        row["train/optimizer_steps"] = self.optimizer_steps
+        return row
+
+    def rl_step(self) -> Dict[str, float]:
+        start = time.perf_counter()
+        batch = self.collect()
+        with self.ledger.phase("train"):
+            row = self.optimize(batch)
+        self.step += 1
+        row["step"] = self.step
+        row["reward/mean"] = batch.rewards.mean().item()
+        row["reward/std"] = batch.rewards.std(unbiased=False).item()
+        for key, value in self._last_scores.items():
+            if key != WeightedReward.TOTAL:
+                row[f"reward/{key}"] = value.double().mean().item()
+        row["train/zero_variance_frac"] = zero_variance_mask(batch.rewards, batch.group_ids).double().mean().item()
+        row["train/step_s"] = time.perf_counter() - start
+        row.update(self.ledger.columns())
+        return row
+
+    # ----------------------------------------------------------------------------------------- eval, save, run
+    def run_eval(self, tag: str) -> Dict[str, float]:
+        with self.ledger.phase("eval"):
+            metrics, images, nfe = evaluate(self.policy, self.eval_prompts, self.cfg.eval, self.eval_rewards,
+                                            progress=self.progress)
+        self.ledger.add_nfe("eval", nfe)
+        n = min(self.cfg.eval.grid_prompts, len(self.eval_prompts))
+        k = self.cfg.eval.images_per_prompt
+        picks = torch.cat([images[i * k:i * k + GRID_IMAGES_PER_PROMPT] for i in range(n)])
+        save_image_grid(picks, [p.text for p in self.eval_prompts[:n]], self.out / f"grid_{tag}.png",
+                        per_prompt=min(GRID_IMAGES_PER_PROMPT, k), title=f"{self.cfg.name}: {tag} (step {self.step})")
+        row = {"step": self.step, **metrics, **self.ledger.columns()}
+        self.metrics.append(row)
+        headline = self.headline_key()
+        log.info("eval at step %d: %s = %.4f", self.step, headline, metrics.get(headline, float("nan")))
+        return row
+
+    def headline_key(self) -> str:
+        first = self.cfg.eval.rewards[0] if self.cfg.eval.rewards else "reward"
+        return f"eval/{first}.strict.task_mean"
+
+    def save(self) -> None:
+        trainer_state = {"step": self.step, "optimizer_steps": self.optimizer_steps, "ledger": self.ledger.state_dict()}
+        save_checkpoint(self.checkpoints, self.step, model=self.policy.core, optimizer=self.optimizer,
+                        snapshots=self.policy.snapshot_state_dict(), generators=self.generators,
+                        trainer_state=trainer_state, keep_last=self.cfg.checkpoint.keep_last)
+
+    def _maybe_resume(self) -> None:
+        path = latest_checkpoint(self.checkpoints)
+        if path is None:
+            return
+        state, snapshots = load_checkpoint(path, model=self.policy.core, optimizer=self.optimizer,
+                                           generators=self.generators)
+        self.policy.load_snapshot_state_dict(snapshots)
+        self.step, self.optimizer_steps = state["step"], state["optimizer_steps"]
+        self.ledger.load_state_dict(state["ledger"])
+        dropped = self.metrics.truncate_after(self.step)
+        log.info("resumed from %s (step %d; %d later metric rows will be redone)", path, self.step, dropped)
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        save_config(cfg, self.out / "config.yaml")
+        (self.out / "run_info.json").write_text(json.dumps(run_info(self.ledger.device_kind, self.ledger.world_size), indent=2))
+        log.info("run %s: %s on %s, %d steps -> %s", cfg.name, cfg.algorithm, self.ledger.device_kind, cfg.train.steps, self.out)
+        if self.step == 0 and cfg.eval.every >= 0:
+            self.run_eval("start")
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc=cfg.name, unit="step", disable=not self.progress)
+        try:
+            while self.step < cfg.train.steps:
+                row = self.rl_step()
+                self.metrics.append(row)
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward/mean']:.3f}", gpu_h=f"{row['cost/gpu_hours']:.4f}")
+                last = self.step == cfg.train.steps
+                if not last and cfg.eval.every > 0 and self.step % cfg.eval.every == 0:
+                    self.run_eval(f"step{self.step:05d}")
+                if not last and cfg.checkpoint.every > 0 and self.step % cfg.checkpoint.every == 0:
+                    self.save()
+        finally:
+            bar.close()
+            self.reward.close()
+        if cfg.eval.every >= 0:
+            self.run_eval("end")
+        if cfg.checkpoint.every > 0:
+            self.save()
+        frame = self.metrics.write_csv()
+        plot_reward_vs_cost(frame, self.out / "reward_vs_cost.png", self.headline_key(),
+                            heldout=[f"eval/{r}" for r in cfg.eval.rewards[1:]], title=f"{cfg.name} ({cfg.algorithm})")
+        log.info("done: results in %s", self.out)
+        return self.out
+
+
+def train(cfg: DictConfig, progress: bool = True) -> Path:
+    return Trainer(cfg, progress=progress).run()

@@ -1,0 +1,58 @@
+"""Rewards of the built-in toy GenEval domain: the exact programmatic detector, and a held-out naturalness score.
+
+`toy_geneval` is the training reward (a blend of GenEval strict correctness and partial credit); `toy_naturalness`
+(palette fidelity) is meant for evaluation only, to expose generations that please the detector but do not look
+like the domain's renders.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from diffrl_bench.registry import REWARDS
+from diffrl_bench.toy.detector import palette_fidelity, score_batch
+
+
+def _as_tensor(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.float32).to(like.device if isinstance(like, torch.Tensor) else "cpu")
+
+
+@REWARDS.register("toy_geneval")
+class ToyGenEvalReward:
+    """GenEval-style reward: `strict_weight * strict + (1 - strict_weight) * partial` (see detector.score).
+
+    Partial credit keeps the reward dense early in training, when strict correctness is rare.
+    """
+
+    name = "toy_geneval"
+
+    def __init__(self, strict_weight: float = 0.5):
+        strict_weight = float(strict_weight)
+        if not 0.0 <= strict_weight <= 1.0:
+            raise ValueError(f"toy_geneval option strict_weight must be in [0, 1], got {strict_weight}")
+        self.strict_weight = strict_weight
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: List[Dict[str, Any]]
+    ) -> Dict[str, torch.Tensor]:
+        strict, partial = score_batch(images, metadata)
+        blended = self.strict_weight * strict + (1.0 - self.strict_weight) * partial
+        return {
+            self.name: _as_tensor(blended, images),
+            f"{self.name}.strict": _as_tensor(strict, images),
+            f"{self.name}.partial": _as_tensor(partial, images),
+        }
+
+
+@REWARDS.register("toy_naturalness")
+class ToyNaturalnessReward:
+    """Palette fidelity: the fraction of pixels near a palette colour or black (1.0 on clean renders)."""
+
+    name = "toy_naturalness"
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: List[Dict[str, Any]]
+    ) -> Dict[str, torch.Tensor]:
+        return {self.name: _as_tensor(palette_fidelity(images), images)}
