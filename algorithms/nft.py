@@ -110,7 +110,7 @@ def nft_loss(
 # The plugin: what DiffusionNFT asks of the harness.
 # ---------------------------------------------------------------------------------------------------------------
 from dataclasses import dataclass  # noqa: E402
-from typing import Any, List, Sequence  # noqa: E402
+from typing import Any, List  # noqa: E402
 
 from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem  # noqa: E402
 from diffrl_bench.registry import ALGORITHMS  # noqa: E402

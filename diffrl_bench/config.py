@@ -115,7 +115,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 50
-    """evaluate every this many RL steps (and at the start and the end); 0 disables periodic eval"""
+    """evaluate every this many RL steps, and at the start and the end; 0: start and end only; -1: never"""
     images_per_prompt: int = 32
     """images per held-out prompt (fixed noise, so curves are paired across steps and runs)"""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)

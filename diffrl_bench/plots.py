@@ -26,7 +26,8 @@ def plot_reward_vs_cost(frame, path: Path, headline: str, heldout: Sequence[str]
     left.set_ylabel("score")
     left.set_ylim(0, 1.02)
     left.grid(alpha=0.3)
-    left.legend(fontsize=8, loc="lower right")
+    if left.get_legend_handles_labels()[0]:
+        left.legend(fontsize=8, loc="lower right")
     left.set_title("evaluation vs cost")
     if "reward/mean" in frame:
         train = frame.dropna(subset=["reward/mean"])
@@ -35,7 +36,8 @@ def plot_reward_vs_cost(frame, path: Path, headline: str, heldout: Sequence[str]
     right.set_xlabel("device-hours")
     right.set_ylabel("training reward")
     right.grid(alpha=0.3)
-    right.legend(fontsize=8)
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=8)
     right.set_title("training reward vs cost")
     if title:
         fig.suptitle(title)

@@ -152,34 +152,44 @@ class Trainer:
         return batch
 
     # ------------------------------------------------------------------------------------------------- train
-    def optimize(self, batch: RolloutBatch) -> Dict[str, float]:
-        """The algorithm's loss over the batch, split into optimizer steps with gradient accumulation."""
-        t = self.cfg.train
+    def accumulate_gradients(self, batch: RolloutBatch, indices: torch.Tensor) -> Dict[str, float]:
+        """Backward the algorithm's loss over `indices` (one optimizer step's share), micro-batch by micro-batch.
+
+        Each item's loss is a mean over its samples, so it is weighted by its share of the step's samples: the
+        accumulated gradient is then the same for any micro-batch size.
+        """
+        items = self.algo.training_items(batch, indices, self.cfg.train.micro_batch_size, self.generators["train"])
+        total = sum(len(item.index) for item in items)
         sums: Dict[str, float] = {}
-        params = self.policy.trainable_parameters()
+        for k, item in enumerate(items):
+            cond = index_condition(batch.cond, item.index)
+            with self.accelerator.autocast():
+                velocities = {s: self.policy.velocity(item.x, item.sigma, cond, snapshot=s, cfg_scale=item.cfg_scale)
+                              for s in item.snapshots}
+            loss, metrics = self.algo.loss(item, velocities)
+            weight = len(item.index) / total
+            # Under DDP only the last backward of the step all-reduces.
+            sync = contextlib.nullcontext() if k == len(items) - 1 else self.accelerator.no_sync(self.policy.module)
+            with sync:
+                self.accelerator.backward(loss * weight)
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value.double().mean()) * weight
+            calls = len(item.snapshots) * (2 if item.cfg_scale != 1.0 else 1)
+            self.ledger.add_nfe("train", len(item.index) * calls)
+        return sums
+
+    def optimize(self, batch: RolloutBatch) -> Dict[str, float]:
+        """The algorithm's loss over the batch, split into `optimizer_steps_per_rollout` optimizer steps."""
+        n_steps = self.cfg.train.optimizer_steps_per_rollout
+        sums: Dict[str, float] = {}
         grad_norms = []
         order = torch.randperm(batch.x0.shape[0], generator=self.generators["train"])
-        for indices in order.chunk(t.optimizer_steps_per_rollout):
-            items = self.algo.training_items(batch, indices, t.micro_batch_size, self.generators["train"])
-            total = sum(len(item.index) for item in items)
-            for k, item in enumerate(items):
-                cond = index_condition(batch.cond, item.index)
-                with self.accelerator.autocast():
-                    velocities = {s: self.policy.velocity(item.x, item.sigma, cond, snapshot=s, cfg_scale=item.cfg_scale)
-                                  for s in item.snapshots}
-                loss, metrics = self.algo.loss(item, velocities)
-                weight = len(item.index) / total
-                last = k == len(items) - 1
-                sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy.module)
-                with sync:
-                    self.accelerator.backward(loss * weight)
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + float(value.double().mean()) * weight / len(order.chunk(
-                        t.optimizer_steps_per_rollout))
-                calls = len(item.snapshots) * (2 if item.cfg_scale != 1.0 else 1)
-                self.ledger.add_nfe("train", len(item.index) * calls)
+        for indices in order.chunk(n_steps):
+            for key, value in self.accumulate_gradients(batch, indices).items():
+                sums[key] = sums.get(key, 0.0) + value / n_steps
             if self.cfg.optim.grad_clip > 0:
-                grad_norms.append(float(self.accelerator.clip_grad_norm_(params, self.cfg.optim.grad_clip)))
+                grad_norms.append(float(self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(),
+                                                                         self.cfg.optim.grad_clip)))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer_steps += 1
@@ -220,9 +230,10 @@ class Trainer:
         self.ledger.add_nfe("eval", nfe)
         n = min(self.cfg.eval.grid_prompts, len(self.eval_prompts))
         k = self.cfg.eval.images_per_prompt
-        picks = torch.cat([images[i * k:i * k + GRID_IMAGES_PER_PROMPT] for i in range(n)])
+        shown = min(GRID_IMAGES_PER_PROMPT, k)
+        picks = torch.cat([images[i * k:i * k + shown] for i in range(n)])
         save_image_grid(picks, [p.text for p in self.eval_prompts[:n]], self.out / f"grid_{tag}.png",
-                        per_prompt=min(GRID_IMAGES_PER_PROMPT, k), title=f"{self.cfg.name}: {tag} (step {self.step})")
+                        per_prompt=shown, title=f"{self.cfg.name}: {tag} (step {self.step})")
         row = {"step": self.step, **metrics, **self.ledger.columns()}
         self.metrics.append(row)
         headline = self.headline_key()

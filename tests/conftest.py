@@ -6,3 +6,31 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random-initialised toy flow model, small enough for fast end-to-end tests."""
+    from diffrl_bench.toy import domain
+    from diffrl_bench.toy.model import ToyFlowModel, ToyModelConfig, save_toy_model
+
+    torch.manual_seed(0)
+    model = ToyFlowModel(ToyModelConfig(vocab=domain.vocabulary(), embed_dim=16, block_out_channels=(8, 16)))
+    path = tmp_path_factory.mktemp("tiny_toy_model")
+    save_toy_model(model, path)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_run(tiny_model_dir, tmp_path):
+    """Overrides for a seconds-long run of the toy benchmark on the tiny model."""
+
+    def make(*extra, out=None):
+        return [f"model.path={tiny_model_dir}", f"output_dir={out or tmp_path / 'run'}", "train.threads=1",
+                "rollout.prompts_per_step=2", "rollout.images_per_prompt=4", "rollout.chunk_size=4",
+                "rollout.sampler.num_steps=3", "eval.sampler.num_steps=3", "eval.images_per_prompt=2",
+                "train.micro_batch_size=4", "algo.num_train_times=2", *extra]
+
+    return make

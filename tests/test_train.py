@@ -1,0 +1,108 @@
+"""End-to-end runs of the harness on a tiny random toy model (seconds each)."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from diffrl_bench.config import load_config
+from diffrl_bench.train import Trainer, train
+
+pytestmark = pytest.mark.slow
+
+
+def test_short_run_writes_the_results_folder_and_counts_costs(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config("toy_nft", tiny_run("train.steps=3", "eval.every=2", "checkpoint.every=2"))
+    train(cfg, progress=False)
+    for name in ("config.yaml", "run_info.json", "metrics.csv", "metrics.jsonl", "reward_vs_cost.png",
+                 "grid_start.png", "grid_end.png", "grid_step00002.png"):
+        assert (out / name).exists(), name
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["packages"]["torch"] and info["git_commit"] and info["device_kind"].startswith("cpu")
+    resolved = load_config(str(out / "config.yaml"))  # the saved config is itself a valid config
+    assert resolved.train.steps == 3 and resolved.algo["num_train_times"] == 2
+
+    frame = pd.read_csv(out / "metrics.csv")
+    assert list(frame["step"]) == [0, 1, 2, 3]
+    train_rows = frame.dropna(subset=["reward/mean"])
+    # 2 prompts x 4 images, 3 sampler steps, 2 training times, theta + old + ref per training item.
+    assert list(train_rows["cost/nfe_rollout"]) == [8 * 3, 16 * 3, 24 * 3]
+    assert list(train_rows["cost/nfe_train"]) == [8 * 2 * 3, 16 * 2 * 3, 24 * 2 * 3]
+    assert list(train_rows["cost/images"]) == [8, 16, 24]
+    # Eval (start, step 2, end) uses 38 held-out prompts x 2 images x 3 steps each and is outside the budget.
+    assert frame["cost/nfe_eval"].iloc[-1] == 3 * 38 * 2 * 3
+    assert (frame["cost/nfe"] == frame["cost/nfe_rollout"] + frame["cost/nfe_train"]).all()
+    for column in ("cost/device_s", "cost/gpu_hours", "cost/nfe"):
+        assert frame[column].is_monotonic_increasing
+    assert frame["cost/gpu_hours"].iloc[-1] == pytest.approx(frame["cost/device_s"].iloc[-1] / 3600)
+    assert frame["eval/toy_geneval.strict.task_mean"].notna().sum() == 3
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000003"]
+
+
+def test_resumed_run_continues_the_same_curve(tiny_run, tmp_path):
+    straight = tmp_path / "straight"
+    resumed = tmp_path / "resumed"
+    common = ("eval.every=-1", "checkpoint.every=2", "optim.lr=1e-3")
+    train(load_config("toy_nft", tiny_run("train.steps=4", *common, out=straight)), progress=False)
+    # "Interrupted" after step 2: the run stopped there, then the same command is run again with the full length.
+    train(load_config("toy_nft", tiny_run("train.steps=2", *common, out=resumed)), progress=False)
+    train(load_config("toy_nft", tiny_run("train.steps=4", *common, out=resumed)), progress=False)
+    a = pd.read_csv(straight / "metrics.csv")
+    b = pd.read_csv(resumed / "metrics.csv")
+    assert list(b["step"]) == [1, 2, 3, 4]
+    for column in ("reward/mean", "loss/loss", "loss/policy_loss", "loss/kl_loss", "train/grad_norm",
+                   "cost/nfe", "cost/images"):
+        assert a[column].tolist() == b[column].tolist(), column
+    # The ledger carried over: the resumed run's cumulative cost never went backwards.
+    assert b["cost/device_s"].is_monotonic_increasing
+
+
+def test_resume_drops_rows_logged_after_the_checkpoint(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    train(load_config("toy_nft", tiny_run("train.steps=3", "eval.every=-1", "checkpoint.every=2", out=out)),
+          progress=False)
+    # Simulate a crash after step 3 was logged but before its checkpoint: remove the last checkpoint.
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step_0000003")
+    trainer = Trainer(load_config("toy_nft", tiny_run("train.steps=3", "eval.every=-1", "checkpoint.every=2", out=out)),
+                      progress=False)
+    assert trainer.step == 2
+    assert [r["step"] for r in trainer.metrics.rows()] == [1, 2]
+    trainer.reward.close()
+
+
+@pytest.mark.parametrize("algorithm_overrides", [(), ("algo.loss_form=velocity",)])
+def test_gradient_is_invariant_to_the_micro_batch_size(tiny_run, tmp_path, algorithm_overrides):
+    """Batch 8 x accumulation 1 gives the same gradient as batch 1 x accumulation 8."""
+    grads = {}
+    for micro in (8, 1):
+        cfg = load_config("toy_nft", tiny_run("eval.every=-1", f"train.micro_batch_size={micro}",
+                                              *algorithm_overrides, out=tmp_path / f"m{micro}"))
+        trainer = Trainer(cfg, progress=False)
+        batch = trainer.collect()
+        trainer.accumulate_gradients(batch, torch.arange(8))
+        grads[micro] = torch.cat([p.grad.flatten() for p in trainer.policy.trainable_parameters()])
+        trainer.reward.close()
+    assert grads[8].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[8], rtol=1e-4, atol=1e-7)
+
+
+def test_sampling_snapshot_starts_equal_to_theta_and_lags_after_updates(tiny_run, tmp_path):
+    cfg = load_config("toy_nft", tiny_run("eval.every=-1", "optim.lr=1e-2", "algo.old_decay=crd_old",
+                                          out=tmp_path / "lag"))
+    trainer = Trainer(cfg, progress=False)
+    theta = lambda: torch.cat([p.flatten() for p in trainer.policy.core.parameters()])  # noqa: E731
+    old = lambda: torch.cat([p.flatten() for p in trainer.policy.snapshots["old"].parameters()])  # noqa: E731
+    ref = torch.cat([p.flatten() for p in trainer.policy.snapshots["ref"].parameters()]).clone()
+    assert torch.equal(theta(), old())
+    before_old = old().clone()
+    trainer.rl_step()
+    # crd_old decays with 0.25 + 0.005 step: after 1 optimizer step old = 0.255 old + 0.745 theta.
+    expected = 0.255 * before_old + 0.745 * theta()
+    torch.testing.assert_close(old(), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(old(), theta())
+    # ref is frozen.
+    assert torch.equal(ref, torch.cat([p.flatten() for p in trainer.policy.snapshots["ref"].parameters()]))
+    trainer.reward.close()
