@@ -9,7 +9,7 @@ import torch
 
 from diffrl_bench import registry
 from diffrl_bench.registry import REWARDS
-from diffrl_bench.toy import detector
+from diffrl_bench.toy import detector, domain
 from diffrl_bench.toy.domain import (
     COLOR_NAMES,
     FAMILIES,
@@ -242,13 +242,35 @@ def test_wrong_colour_gets_half_credit():
     assert _score(swapped, "a photo of a blue circle and a red square") == (1.0, 1.0)
 
 
-def test_odd_blobs_are_unknown_objects_and_tiny_specks_are_ignored():
+def test_odd_blobs_and_tiny_specks_are_not_objects():
     image = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
     image[2:4, 1:13] = (0.95, 0.15, 0.15)  # a 12 x 2 bar: too long and too thin for any shape
     image[10, 10] = (0.2, 0.35, 1.0)  # a 1 px speck
-    assert [d.shape for d in detector.detect(image)] == ["unknown"]
+    assert detector.detect(image) == []
     for text in ("a photo of a square", "a photo of a red square", "a photo of a triangle"):
         assert detector.score(detector.detect(image), _prompt(text).metadata)[0] == 0.0
+
+
+def test_an_object_touching_clutter_is_not_seen_but_the_same_object_isolated_is():
+    square = [SceneObject("square", "red", 4, 4, 5)]
+    image = render(square)
+    assert [(d.shape, d.color) for d in detector.detect(image)] == [("square", "red")]
+    cluttered = image.copy()
+    cluttered[3, 3:10] = (0.6, 0.5, 0.1)  # an off-palette smear along the square's top edge
+    assert detector.detect(cluttered) == []
+
+
+def test_colour_clutter_does_not_satisfy_prompts():
+    """RL once learned to paint the canvas with palette-coloured noise; none of it may count as objects."""
+    rng = np.random.default_rng(0)
+    palette = np.array([domain.COLORS[c] for c in domain.COLOR_NAMES] + [(0.0, 0.0, 0.0)], dtype=np.float32)
+    blocks = palette[rng.integers(len(palette), size=(300, 8, 8))]  # 2x2-pixel blocks of random palette colours
+    clutter = blocks.repeat(2, axis=1).repeat(2, axis=2)
+    clutter = np.clip(clutter + rng.normal(0, 0.1, clutter.shape), 0, 1).astype(np.float32)
+    prompts = domain.all_prompts()
+    metadata = [prompts[i % len(prompts)].metadata for i in range(len(clutter))]
+    strict, _ = detector.score_batch(clutter, metadata)
+    assert strict.mean() < 0.02
 
 
 # ------------------------------------------------------------------------------------------------------------------

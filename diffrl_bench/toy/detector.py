@@ -1,10 +1,14 @@
 """An exact programmatic GenEval-style checker for the toy domain (`diffrl_bench.toy.domain`).
 
-Detection: a pixel is foreground when its brightest channel exceeds FOREGROUND_THRESHOLD; it takes the colour of the
-nearest palette prototype. Each colour's foreground is split into 4-connected components; components under
-MIN_COMPONENT_AREA pixels are noise. A component's shape comes from its bounding-box fill ratio (square > 0.92,
-circle 0.65-0.92, triangle < 0.65); a component with a far-from-square box (aspect > 1.6) or a side over 9 px is
-"unknown": it is an object, but matches no shape class.
+Detection finds objects as the domain defines them: a shape of one palette colour, 4 to 8 px on a side, standing on
+black background with a gap around it. A pixel is background when its brightest channel is below BACKGROUND_MAX,
+and of palette colour k when it lies within COLOR_TOLERANCE (RGB distance) of prototype k; anything else is
+off-palette. Each colour's pixels are split into 4-connected components. A component is an object only if it is
+at least MIN_COMPONENT_AREA px, its bounding box is 4 to 8 px on a side with aspect at most MAX_ASPECT, and the box
+grown by one pixel holds nothing but the component and background (up to MAX_DIRTY_PIXELS stray pixels, for
+robustness to pixel noise). Like a real detector's confidence threshold, this refuses to see objects in clutter:
+without it, RL learned to fill the canvas with colour noise in which a permissive detector found every object
+asked for. The shape comes from the bounding-box fill ratio (square > 0.92, circle 0.65-0.92, triangle < 0.65).
 
 Scoring follows GenEval's metadata semantics (see `score`). `palette_fidelity` is a separate naturalness statistic
 that is deliberately not part of the reward, so that reward hacking (noise, blur, clutter) shows up in evaluation.
@@ -20,13 +24,14 @@ from scipy import ndimage
 
 from diffrl_bench.toy.domain import COLOR_NAMES, COLORS, relation_holds
 
-FOREGROUND_THRESHOLD = 0.35
+BACKGROUND_MAX = 0.3
+COLOR_TOLERANCE = 0.4
 MIN_COMPONENT_AREA = 4
 SQUARE_MIN_FILL = 0.92
 CIRCLE_MIN_FILL = 0.65
 MAX_ASPECT = 1.6
-MAX_SIDE = 9
-UNKNOWN_SHAPE = "unknown"
+MIN_SIDE, MAX_SIDE = 4, 8
+MAX_DIRTY_PIXELS = 2
 PALETTE_TOLERANCE = 0.2
 
 _PROTOTYPES = np.array([COLORS[name] for name in COLOR_NAMES], dtype=np.float32)  # (K, 3)
@@ -72,9 +77,12 @@ def to_numpy_images(images: ImageBatch) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _classify_shape(width: int, height: int, area: int) -> str:
-    if max(width, height) > MAX_SIDE or max(width, height) > MAX_ASPECT * min(width, height):
-        return UNKNOWN_SHAPE
+def _classify_shape(width: int, height: int, area: int) -> str | None:
+    """The shape class, or None when the box is not the size or aspect of any domain object."""
+    if not MIN_SIDE <= min(width, height) <= max(width, height) <= MAX_SIDE:
+        return None
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        return None
     fill = area / float(width * height)
     if fill > SQUARE_MIN_FILL:
         return "square"
@@ -86,12 +94,12 @@ def _classify_shape(width: int, height: int, area: int) -> str:
 def detect_batch(images: ImageBatch) -> List[List[Detection]]:
     """Detections for every image of a batch, each list ordered by (colour, scan order of the component)."""
     array = to_numpy_images(images)
-    batch = array.shape[0]
-    foreground = array.max(axis=-1) > FOREGROUND_THRESHOLD  # (B, H, W)
-    # Squared distance to each prototype; argmin picks the nearest palette colour per pixel.
-    distances = ((array[..., None, :] - _PROTOTYPES) ** 2).sum(axis=-1)  # (B, H, W, K)
+    batch, height, width = array.shape[:3]
+    background = array.max(axis=-1) < BACKGROUND_MAX  # (B, H, W)
+    distances = np.sqrt(((array[..., None, :] - _PROTOTYPES) ** 2).sum(axis=-1))  # (B, H, W, K)
     nearest = distances.argmin(axis=-1)
-    masks = foreground[:, None] & (nearest[:, None] == np.arange(len(COLOR_NAMES))[None, :, None, None])  # (B,K,H,W)
+    on_palette = distances.min(axis=-1) <= COLOR_TOLERANCE
+    masks = on_palette[:, None] & (nearest[:, None] == np.arange(len(COLOR_NAMES))[None, :, None, None])  # (B,K,H,W)
     labels, count = ndimage.label(masks, structure=_STRUCTURE)
     detections: List[List[Detection]] = [[] for _ in range(batch)]
     if count == 0:
@@ -105,10 +113,18 @@ def detect_batch(images: ImageBatch) -> List[List[Detection]]:
         x_min, x_max = col_slice.start, col_slice.stop - 1
         y_min, y_max = row_slice.start, row_slice.stop - 1
         shape = _classify_shape(x_max - x_min + 1, y_max - y_min + 1, area)
-        detections[image_slice.start].append(
+        if shape is None:
+            continue
+        b, k = image_slice.start, color_slice.start
+        rows = slice(max(0, y_min - 1), min(height, y_max + 2))
+        cols = slice(max(0, x_min - 1), min(width, x_max + 2))
+        clean = (labels[b, k, rows, cols] == label) | background[b, rows, cols]
+        if int((~clean).sum()) > MAX_DIRTY_PIXELS:
+            continue
+        detections[b].append(
             Detection(
                 shape=shape,
-                color=COLOR_NAMES[color_slice.start],
+                color=COLOR_NAMES[k],
                 cx=(x_min + x_max) / 2.0,
                 cy=(y_min + y_max) / 2.0,
                 bbox=(int(x_min), int(y_min), int(x_max), int(y_max)),
