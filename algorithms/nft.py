@@ -173,24 +173,26 @@ class DiffusionNFT:
                        generator) -> List[TrainingItem]:
         """Each sample is noised at `num_train_times` times with fresh noise per (sample, time).
 
-        Times and noise are drawn for the whole optimizer step before it is cut into micro-batches, so the
-        gradient does not depend on the micro-batch size.
+        The (time, sample) pairs are flattened time-major and cut into micro-batches of `micro_batch_size` pairs,
+        so one forward can cover several training times. Times and noise are drawn for the whole optimizer step
+        first, so the gradient does not depend on the micro-batch size.
         """
         c = self.config
+        B, T = len(indices), c.num_train_times
         x0 = batch.x0[indices]
-        times = sample_train_times(c.time_distribution, len(indices), c.num_train_times, generator,
-                                   grid=batch.sigmas).to(x0.dtype)
-        eps = torch.randn((c.num_train_times, *x0.shape), generator=generator).to(x0)
+        times = sample_train_times(c.time_distribution, B, T, generator, grid=batch.sigmas).to(x0.dtype)
+        eps = torch.randn((T, *x0.shape), generator=generator).to(x0)
+        pair_sample = torch.arange(B).repeat(T)  # time-major: pairs 0..B-1 are time 0, and so on
+        flat_t, flat_eps = times.reshape(-1), eps.reshape(T * B, *x0.shape[1:])
         advantages = batch.advantages[indices]
         items = []
-        for start in range(0, len(indices), micro_batch_size):
-            rows = slice(start, start + micro_batch_size)
-            for j in range(c.num_train_times):
-                t = times[j, rows]
-                items.append(TrainingItem(
-                    index=indices[rows], x=nft_forward_noise(x0[rows], eps[j, rows], t), sigma=t,
-                    snapshots=self._needs,
-                    data={"x0": x0[rows], "eps": eps[j, rows], "t": t, "advantages": advantages[rows]}))
+        for start in range(0, T * B, micro_batch_size):
+            pairs = slice(start, start + micro_batch_size)
+            rows = pair_sample[pairs]
+            t, noise, clean = flat_t[pairs], flat_eps[pairs], x0[rows]
+            items.append(TrainingItem(
+                index=indices[rows], x=nft_forward_noise(clean, noise, t), sigma=t, snapshots=self._needs,
+                data={"x0": clean, "eps": noise, "t": t, "advantages": advantages[rows]}))
         return items
 
     def loss(self, item: TrainingItem, velocities: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:

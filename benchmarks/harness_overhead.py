@@ -2,7 +2,7 @@
 
 The bare loop makes exactly the same network calls with the same shapes (rollout: steps x chunks forwards of the
 sampling snapshot; training: per item one forward+backward of theta and one forward of each other snapshot; one
-optimizer step per optimizer step) but none of the harness around them (sampler bookkeeping, reward scoring and its
+optimizer step) but none of the harness around them (sampler bookkeeping, reward scoring and its
 thread, advantages, loss maths, ledger, metrics). Both run in this one process, interleaved, and the ratio of the
 medians is printed. Usage:
 
@@ -18,29 +18,26 @@ import time
 import torch
 
 
-def bare_step(trainer, batch_size: int, num_items_per_sample: int, snapshots, micro_batch: int) -> None:
+def bare_step(trainer, batch_size: int, item_sizes, snapshots) -> None:
+    """The same network calls as one harness RL step, with the same batch shapes, and nothing else."""
     cfg = trainer.cfg
     policy = trainer.policy
     shape = policy.latent_shape
     rollout_net = policy._network(trainer.algo.rollout.snapshot)
-    cond = policy.encode_prompts([p.text for p in trainer.train_prompts[:1]] * batch_size)
-    steps = cfg.rollout.sampler.num_steps
+    cond = policy.encode_prompts([p.text for p in trainer.train_prompts[:1]] * max(batch_size, max(item_sizes)))
     with torch.no_grad():
         for start in range(0, batch_size, cfg.rollout.chunk_size):
-            stop = min(start + cfg.rollout.chunk_size, batch_size)
-            x = torch.randn(stop - start, *shape)
-            for _ in range(steps):
-                x = x + 0.1 * rollout_net(x, torch.full((stop - start,), 0.5), cond[start:stop])
-    for start in range(0, batch_size, micro_batch):
-        stop = min(start + micro_batch, batch_size)
-        for _ in range(num_items_per_sample):
-            x = torch.randn(stop - start, *shape)
-            sigma = torch.rand(stop - start)
-            for name in snapshots:
-                if name != "theta":
-                    with torch.no_grad():
-                        policy._network(name)(x, sigma, cond[start:stop])
-            policy.module(x, sigma, cond[start:stop]).square().mean().backward()
+            n = min(cfg.rollout.chunk_size, batch_size - start)
+            x = torch.randn(n, *shape)
+            for _ in range(cfg.rollout.sampler.num_steps):
+                x = x + 0.1 * rollout_net(x, torch.full((n,), 0.5), cond[:n])
+    for n in item_sizes:
+        x, sigma = torch.randn(n, *shape), torch.rand(n)
+        for name in snapshots:
+            if name != "theta":
+                with torch.no_grad():
+                    policy._network(name)(x, sigma, cond[:n])
+        policy.module(x, sigma, cond[:n]).square().mean().backward()
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
 
@@ -65,21 +62,21 @@ def main() -> None:
     items = trainer.algo.training_items(batch, torch.arange(batch.x0.shape[0]), cfg.train.micro_batch_size,
                                         trainer.generators["train"])
     snapshots = items[0].snapshots
-    per_sample = sum(len(i.index) for i in items) // batch.x0.shape[0]
+    item_sizes = [len(i.index) for i in items]
     B = batch.x0.shape[0]
     harness, bare = [], []
     trainer.rl_step()  # warm-up of both paths
-    bare_step(trainer, B, per_sample, snapshots, cfg.train.micro_batch_size)
+    bare_step(trainer, B, item_sizes, snapshots)
     for _ in range(args.repeats):
         start = time.perf_counter()
         trainer.rl_step()
         harness.append(time.perf_counter() - start)
         start = time.perf_counter()
-        bare_step(trainer, B, per_sample, snapshots, cfg.train.micro_batch_size)
+        bare_step(trainer, B, item_sizes, snapshots)
         bare.append(time.perf_counter() - start)
     trainer.reward.close()
     h, b = statistics.median(harness), statistics.median(bare)
-    print(f"config {args.config}: {B} images/step, {per_sample} training items per sample, snapshots {snapshots}, "
+    print(f"config {args.config}: {B} images/step, training items of sizes {item_sizes}, snapshots {snapshots}, "
           f"{args.threads} threads")
     print(f"harness RL step  median {h:.3f} s  (runs: {', '.join(f'{x:.3f}' for x in harness)})")
     print(f"bare model calls median {b:.3f} s  (runs: {', '.join(f'{x:.3f}' for x in bare)})")

@@ -101,7 +101,7 @@ class TrainConfig:
     optimizer_steps_per_rollout: int = 1
     """optimizer steps per rollout batch; the batch is split evenly"""
     micro_batch_size: int = 8
-    """samples per forward/backward; gradients are accumulated up to one optimizer step"""
+    """training inputs per forward/backward (for forward-process losses: (sample, time) pairs); gradients accumulate up to one optimizer step"""
     seed: int = 0
     """seeds the model-independent randomness (prompts, noise, timesteps)"""
     mixed_precision: str = "auto"

@@ -38,3 +38,10 @@ def test_parity_command_fails_and_names_unimplemented_kinds(capsys, tmp_path):
     assert main(["parity", str(tmp_path)]) != 0
     out = capsys.readouterr().out
     assert "flux_magic_loss" in out and "not implemented" in out.lower()
+
+
+def test_overrides_may_follow_options_and_bad_ones_still_stop_the_run(tmp_path, caplog):
+    out = tmp_path / "never"
+    # The override after --no-progress is applied (and is rejected here because the key is unknown).
+    assert main(["train", "toy_nft", "--no-progress", f"output_dir={out}", "train.nonsense=1"]) == 2
+    assert "train.nonsense" in caplog.text and not out.exists()
