@@ -1,0 +1,207 @@
+"""AWM: advantage-weighted matching (METHODS.md section 3).
+
+AWM trains on the forward process like DiffusionNFT, but keeps the shape of a policy gradient: every clean rollout
+sample x0 is noised at T training times, the flow-matching error of the trained velocity at each (time, sample) pair
+is turned into a log-likelihood surrogate `l`, and the loss is `-A_hat l` with the advantage in [-1, 1]. The released
+code wraps this in a PPO ratio `exp(l - sg(l))`, which is exactly 1 on-policy (its gradient is that of `l`). Two
+velocity-space anchors keep the policy close: a KL to the frozen base and a KL to a lagged (ema) copy of the policy.
+
+Tensors are time-major, `(T, B, ...)`: index `[k, i]` is training time k of sample i, which is the order in which the
+original flattens the pairs (row `k * B + i`). The pure function is `awm_loss`; the parity runner for kind `awm_loss`
+sits below it.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from diffrl_bench.algorithms.weighting import mean_chw
+from diffrl_bench.parity import case_tensor, register_parity_kind, to_numpy
+
+AWM_WEIGHTINGS = ("ghuber", "Uniform", "t", "t**2", "huber")
+AWM_LOSS_TYPES = ("exp_first", "sum_first")
+AWM_KL_WEIGHTS = ("Uniform", "ELBO")
+
+_TINY = 1e-10  # the offset inside the original's root / power surrogates
+
+
+def awm_log_likelihood(matching_error: torch.Tensor, t: torch.Tensor, weighting: str = "ghuber",
+                       ghuber_power: float = 0.25) -> torch.Tensor:
+    """The log-likelihood surrogate `l` of a flow-matching error, elementwise over any shape.
+
+    With `m = mean_CHW (v - (eps - x0))^2` at time `t`:
+        "Uniform":  l = -m
+        "t":        l = -t m
+        "t**2":     l = -t^2 m
+        "huber":    l = -t (sqrt(m + 1e-10) - 1e-5)                       (1e-5 = sqrt(1e-10): l = 0 at m = 0)
+        "ghuber":   l = -(t / p) ((m + 1e-10)^p - (1e-10)^p)              (generalised Huber, p = ghuber_power)
+    Every form is 0 at m = 0 and decreases with m. "ghuber" with p = 1 is "t" (up to the 1e-10 offset), and with
+    p = 1/2 it is twice "huber": small p flattens the penalty of large errors (the high-noise times), which is
+    what makes it the released default.
+    """
+    m, t = matching_error, t.to(matching_error.dtype)
+    if weighting == "Uniform":
+        return -m
+    if weighting == "t":
+        return -m * t
+    if weighting == "t**2":
+        return -m * t ** 2
+    if weighting == "huber":
+        return -(torch.sqrt(m + _TINY) - _TINY ** 0.5) * t
+    if weighting == "ghuber":
+        p = float(ghuber_power)
+        if p <= 0:
+            raise ValueError(f"ghuber_power must be > 0, got {ghuber_power}")
+        floor = torch.pow(torch.tensor(_TINY, dtype=m.dtype, device=m.device), p)
+        return -(torch.pow(m + _TINY, p) - floor) * t / p
+    raise ValueError(f"unknown AWM weighting {weighting!r}; expected one of {AWM_WEIGHTINGS}")
+
+
+def _flat_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(T, B, ...) -> (T * B, ...), time-major (row k * B + i)."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _pair_mean_sq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """mean_CHW (a - b)^2 per (time, sample) pair, (T, B, ...) -> (T, B)."""
+    return mean_chw(_flat_pairs(a - b).square()).reshape(a.shape[0], a.shape[1])
+
+
+def awm_sde_std(t: torch.Tensor, noise_level: float = 0.7) -> torch.Tensor:
+    """`noise_level sqrt(t / (1 - min(t, 0.99)))`: the Flow-GRPO SDE std the original's "ELBO" KL weight divides by."""
+    return torch.sqrt(t / (1 - torch.clamp(t, 0, 0.99))) * noise_level
+
+
+def awm_loss(
+    v_theta: torch.Tensor,
+    v_ref: Optional[torch.Tensor],
+    v_ema: Optional[torch.Tensor],
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    t: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    weighting: str = "ghuber",
+    ghuber_power: float = 0.25,
+    beta: float = 1e-3,
+    ema_beta: float = 1.0,
+    adv_clip_max: float = 5.0,
+    advantage_max: Optional[float] = 1.0,
+    clip_range: float = 1.0,
+    loss_type: str = "exp_first",
+    kl_weight: str = "Uniform",
+    kl_ema_weight: str = "Uniform",
+    old_log_prob: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """AWM loss for one micro-batch of B samples at T training times each.
+
+    For each pair (k, i), with the target velocity `v* = eps[k, i] - x0[i]`:
+        m[k, i] = mean_CHW (v_theta[k, i] - v*)^2                     (float64, as the original computes it)
+        l[k, i] = awm_log_likelihood(m, t[k, i], weighting)           (the "log_prob")
+    Advantage `A_hat = clip(A, -c, c) / c * advantage_max` (c = adv_clip_max), in [-1, 1] by default
+    (advantage_max None: `clip(A, -c, c)` unscaled, as the original).
+    Policy term, PPO-style as released: `ratio = exp(l - l_old)` with `l_old = sg(l)` on-policy (so ratio == 1 and
+    the gradient is that of `-A_hat l`), `policy = mean max(-A_hat ratio, -A_hat clip(ratio, 1 - eps, 1 + eps))`
+    over the T * B pairs ("exp_first"); "sum_first" first averages l over the T times, one ratio per sample.
+    Anchors, each `mean_{k,i} mean_CHW (v_theta - v_other)^2` ("Uniform"; "ELBO" divides each pair by
+    `2 std(t)^2` of the Flow-GRPO SDE): `kl_loss` to the frozen base (`v_ref`) and `ema_kl_loss` to the lagged copy
+    (`v_ema`). Total, as the original executes it:
+        loss = policy + beta kl_loss + ema_beta ema_kl_loss     if beta > 0 (the ema term only if ema_beta > 0)
+        loss = policy                                           if beta == 0 (the ema term is dropped as well)
+
+    Args:
+        v_theta: (T, B, ...) velocities of the trained policy; the only input that should carry gradient.
+        v_ref: (T, B, ...) frozen-base velocities at the same x_t (may be None when beta == 0).
+        v_ema: (T, B, ...) lagged-copy velocities (may be None when beta == 0 or ema_beta == 0).
+        x0: (B, ...) clean rollout samples; eps: (T, B, ...) the noise of each pair; t: (T, B) or (T,) times in [0, 1].
+        advantages: (B,) raw group advantages (clipped here).
+        old_log_prob: optional (T, B) behaviour log-likelihood surrogates (off-policy); None = on-policy `sg(l)`.
+
+    Returns:
+        The scalar loss and detached metrics: `log_prob` (T, B), `ratio` ((T, B) for exp_first, (B,) for sum_first),
+        `advantages` (B, the scaled A_hat), scalars `policy_loss`, `kl_loss` and `ema_kl_loss` (when the velocities
+        were given; logged even where not added), `clipfrac`, `loss`.
+    """
+    if weighting not in AWM_WEIGHTINGS:
+        raise ValueError(f"unknown AWM weighting {weighting!r}; expected one of {AWM_WEIGHTINGS}")
+    if loss_type not in AWM_LOSS_TYPES:
+        raise ValueError(f"unknown AWM loss_type {loss_type!r}; expected one of {AWM_LOSS_TYPES}")
+    for name, value in (("kl_weight", kl_weight), ("kl_ema_weight", kl_ema_weight)):
+        if value not in AWM_KL_WEIGHTS:
+            raise ValueError(f"unknown AWM {name} {value!r}; expected one of {AWM_KL_WEIGHTS}")
+    if v_theta.ndim < 3:
+        raise ValueError(f"v_theta must be (T, B, ...), got shape {tuple(v_theta.shape)}")
+    T, B = v_theta.shape[:2]
+    if beta > 0 and v_ref is None:
+        raise ValueError("beta > 0 needs the reference velocities v_ref")
+    if beta > 0 and ema_beta > 0 and v_ema is None:
+        raise ValueError("beta > 0 and ema_beta > 0 need the lagged-copy velocities v_ema")
+
+    t = t.to(torch.float64)
+    if t.ndim == 1:
+        t = t.reshape(T, 1).expand(T, B)
+    v = v_theta.double()
+    target = eps.double() - x0.double().unsqueeze(0)
+    log_prob = awm_log_likelihood(_pair_mean_sq(v, target), t, weighting, ghuber_power)  # (T, B)
+
+    adv = advantages.to(torch.float64).clamp(-adv_clip_max, adv_clip_max)
+    if advantage_max is not None:  # the original skips the rescaling when advantage_max is None
+        adv = adv / adv_clip_max * advantage_max
+    old = log_prob.detach() if old_log_prob is None else old_log_prob.to(log_prob).detach()
+    if loss_type == "exp_first":
+        ratio = torch.exp(log_prob - old)
+        adv_pairs = adv.unsqueeze(0).expand(T, B)
+    else:
+        ratio = torch.exp(log_prob.mean(dim=0) - old.mean(dim=0))
+        adv_pairs = adv
+    unclipped = -adv_pairs * ratio
+    clipped = -adv_pairs * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    policy_loss = torch.maximum(unclipped, clipped).mean()
+
+    def anchor(other: torch.Tensor, weight: str) -> torch.Tensor:
+        per_pair = _pair_mean_sq(v, other.detach().double())
+        if weight == "ELBO":
+            per_pair = per_pair / (2 * awm_sde_std(t) ** 2)
+        return per_pair.mean()
+
+    kl_loss = anchor(v_ref, kl_weight) if v_ref is not None else None
+    ema_kl_loss = anchor(v_ema, kl_ema_weight) if v_ema is not None else None
+    loss = policy_loss
+    if beta > 0:
+        loss = loss + beta * kl_loss
+        if ema_beta > 0:
+            loss = loss + ema_beta * ema_kl_loss
+
+    metrics = {
+        "log_prob": log_prob,
+        "ratio": ratio,
+        "advantages": adv,
+        "policy_loss": policy_loss,
+        "clipfrac": ((ratio - 1.0).abs() > clip_range).double().mean(),
+        "loss": loss,
+    }
+    if kl_loss is not None:
+        metrics["kl_loss"] = kl_loss
+    if ema_kl_loss is not None:
+        metrics["ema_kl_loss"] = ema_kl_loss
+    return loss, {name: value.detach() for name, value in metrics.items()}
+
+
+@register_parity_kind("awm_loss")
+def _run_awm_loss(case: dict) -> Dict[str, np.ndarray]:
+    params = case["params"]
+    v_theta = case_tensor(case, "v_theta").clone().requires_grad_(True)
+    loss, metrics = awm_loss(
+        v_theta, case_tensor(case, "v_ref"), case_tensor(case, "v_ema"), case_tensor(case, "x0"),
+        case_tensor(case, "eps"), case_tensor(case, "t"), case_tensor(case, "advantages"),
+        weighting=params.get("weighting", "ghuber"), ghuber_power=float(params.get("ghuber_power", 0.25)),
+        beta=float(params["beta"]), ema_beta=float(params.get("ema_beta", 1.0)),
+        adv_clip_max=float(params.get("adv_clip_max", 5.0)),
+        advantage_max=None if params.get("advantage_max", 1.0) is None else float(params.get("advantage_max", 1.0)),
+        clip_range=float(params.get("clip_range", 1.0)), loss_type=params.get("loss_type", "exp_first"),
+        kl_weight=params.get("kl_weight", "Uniform"), kl_ema_weight=params.get("kl_ema_weight", "Uniform"),
+    )
+    (grad,) = torch.autograd.grad(loss, v_theta)
+    return to_numpy({**metrics, "grad_v_theta": grad})
