@@ -9,6 +9,18 @@ torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 
+from diffrl_bench.registry import REWARDS  # noqa: E402
+
+
+@REWARDS.register("test_brightness")
+class BrightnessReward:
+    """Mean pixel value: a reward that varies even on a random model's images (the toy detector scores those 0)."""
+
+    name = "test_brightness"
+
+    def __call__(self, images, prompts, metadata):
+        return {self.name: images.mean(dim=(1, 2, 3))}
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
@@ -31,6 +43,7 @@ def tiny_run(tiny_model_dir, tmp_path):
         return [f"model.path={tiny_model_dir}", f"output_dir={out or tmp_path / 'run'}", "train.threads=1",
                 "rollout.prompts_per_step=2", "rollout.images_per_prompt=4", "rollout.chunk_size=4",
                 "rollout.sampler.num_steps=3", "eval.sampler.num_steps=3", "eval.images_per_prompt=2",
-                "train.micro_batch_size=4", "algo.num_train_times=2", *extra]
+                "train.micro_batch_size=4", "algo.num_train_times=2",
+                "reward.components.test_brightness=1.0", *extra]
 
     return make
