@@ -239,3 +239,53 @@ def _run_grpo_loss(case: dict) -> Dict[str, np.ndarray]:
     )
     (grad,) = torch.autograd.grad(loss, log_prob)
     return to_numpy({**metrics, "grad_log_prob": grad})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rollout sampler: SDE steps with log-probs, optionally only inside a window (Flow-GRPO-Fast)
+# ---------------------------------------------------------------------------------------------------------------
+from diffrl_bench.registry import SAMPLERS  # noqa: E402
+from diffrl_bench.sampling import Rollout, VelocityFn  # noqa: E402
+
+
+@SAMPLERS.register("flow_grpo_sde")
+def flow_grpo_sde_sample(velocity_fn: VelocityFn, x_init: torch.Tensor, sigmas: torch.Tensor,
+                         keep_trajectory: bool = True, *, noise_level: float = 0.7, sde_type: str = "sde",
+                         window_size: int = 0, window_start: Optional[int] = None,
+                         generator: Optional[torch.Generator] = None) -> Rollout:
+    """Flow-GRPO's stochastic sampler: `sde_step_logprob` on every step, or only on a window of consecutive steps.
+
+    `window_size = 0` makes every step stochastic (Flow-GRPO). With `window_size = W > 0` (Flow-GRPO-Fast) steps
+    `window_start .. window_start + W - 1` are stochastic and the rest are Euler ODE steps; `window_start` is drawn
+    uniformly from `generator` when not given. Returns the final sample, the per-step behaviour log-probs (NaN on
+    ODE steps) and which steps were stochastic; the trajectory when `keep_trajectory`.
+    """
+    grid = [float(s) for s in sigmas]
+    steps = len(grid) - 1
+    if window_size < 0 or window_size > steps:
+        raise ValueError(f"window_size {window_size} must be between 0 (all steps) and the {steps} sampler steps")
+    stochastic = torch.ones(steps, dtype=torch.bool)
+    if window_size:
+        if window_start is None:
+            window_start = int(torch.randint(0, steps - window_size + 1, (1,), generator=generator))
+        if not 0 <= window_start <= steps - window_size:
+            raise ValueError(f"window_start {window_start} does not fit a window of {window_size} in {steps} steps")
+        stochastic[:] = False
+        stochastic[window_start:window_start + window_size] = True
+    x = x_init
+    batch = x.shape[0]
+    states = [x] if keep_trajectory else []
+    log_probs = torch.full((steps, batch), float("nan"), dtype=torch.float32)
+    for i, (sigma, sigma_next) in enumerate(zip(grid[:-1], grid[1:])):
+        v = velocity_fn(x, torch.full((batch,), sigma, dtype=x.dtype, device=x.device))
+        if stochastic[i]:
+            step = sde_step_logprob(x, v, sigma, sigma_next, grid[1], noise_level=noise_level, sde_type=sde_type,
+                                    generator=generator)
+            x = step.prev_sample.to(x_init.dtype)
+            log_probs[i] = step.log_prob.detach().float().cpu()
+        else:
+            x = x + v * (sigma_next - sigma)
+        if keep_trajectory:
+            states.append(x)
+    return Rollout(x0=x, sigmas=sigmas, nfe=steps, trajectory=torch.stack(states) if keep_trajectory else None,
+                   log_probs=log_probs, stochastic=stochastic)

@@ -31,12 +31,16 @@ class Rollout:
         sigmas: the sigma grid that was integrated over, (N+1,).
         nfe: number of model (velocity) calls made.
         trajectory: (N+1, B, ...) latents including the start and the end; only when asked for.
+        log_probs: (N, B) behaviour log-likelihood of each transition, NaN for deterministic steps (SDE samplers).
+        stochastic: (N,) bool, which steps were stochastic (SDE samplers; the SDE window of Flow-GRPO-Fast).
     """
 
     x0: torch.Tensor
     sigmas: torch.Tensor
     nfe: int
     trajectory: Optional[torch.Tensor] = None
+    log_probs: Optional[torch.Tensor] = None
+    stochastic: Optional[torch.Tensor] = None
 
 
 def flow_sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from diffrl_bench.algorithms.flow_grpo import grpo_loss, sde_step_logprob
+from diffrl_bench.algorithms.flow_grpo import flow_grpo_sde_sample, grpo_loss, sde_step_logprob
+from diffrl_bench.registry import SAMPLERS
+from diffrl_bench.sampling import euler_sample, flow_sigmas
 
 SHAPE = (4, 3, 4, 4)
 # An SD3-like grid (shift 3, 10 steps): first value 1, last 0.
@@ -239,3 +241,63 @@ def test_sde_keeps_the_marginals_of_the_flow_on_a_gaussian():
     ode80 = run_chain(x1, torch.linspace(1, 0, 81), s, 0.0)
     check(2 * ode80.double() - ode40.double(), s**2)
     check(ode40, s**2, bias=0.1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The registered rollout sampler
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _field(x, sigma):
+    return -0.4 * x + 0.3 * sigma.view(-1, 1, 1, 1)
+
+
+def test_rollout_sampler_is_registered_and_noise_level_zero_is_the_euler_ode():
+    assert SAMPLERS.get("flow_grpo_sde") is flow_grpo_sde_sample
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    sigmas = flow_sigmas(10, 3.0)
+    sde = flow_grpo_sde_sample(_field, x, sigmas, noise_level=0.0)
+    ode = euler_sample(_field, x, sigmas)
+    torch.testing.assert_close(sde.x0, ode.x0, rtol=1e-5, atol=1e-6)
+    assert sde.nfe == 10 and sde.stochastic.all()
+
+
+def test_stored_log_probs_are_the_behaviour_log_probs_of_each_transition():
+    """Re-scoring every stored transition with the same velocity gives the stored value: ratio exactly 1."""
+    x = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    sigmas = flow_sigmas(10, 3.0)
+    out = flow_grpo_sde_sample(_field, x, sigmas, generator=torch.Generator().manual_seed(2))
+    assert out.trajectory.shape == (11, 4, 2, 4, 4) and torch.equal(out.trajectory[-1], out.x0)
+    for i in range(9):  # the last step (to sigma = 0) is deterministic in the sde form's limit; skip its density
+        xi = out.trajectory[i]
+        v = _field(xi, torch.full((4,), float(sigmas[i])))
+        again = sde_step_logprob(xi, v, float(sigmas[i]), float(sigmas[i + 1]), float(sigmas[1]),
+                                 prev_sample=out.trajectory[i + 1])
+        assert torch.equal(torch.exp(again.log_prob - out.log_probs[i]), torch.ones(4)), i
+
+
+def test_sde_window_makes_only_w_consecutive_steps_stochastic():
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    sigmas = flow_sigmas(10, 3.0)
+    out = flow_grpo_sde_sample(_field, x, sigmas, window_size=3, generator=torch.Generator().manual_seed(4))
+    idx = out.stochastic.nonzero().flatten().tolist()
+    assert len(idx) == 3 and idx == list(range(idx[0], idx[0] + 3))
+    for i in range(10):
+        xi, nxt = out.trajectory[i], out.trajectory[i + 1]
+        euler = xi + _field(xi, torch.full((2,), float(sigmas[i]))) * (float(sigmas[i + 1]) - float(sigmas[i]))
+        if i in idx:
+            assert not torch.allclose(nxt, euler) and torch.isfinite(out.log_probs[i]).all()
+        else:
+            assert torch.equal(nxt, euler) and torch.isnan(out.log_probs[i]).all()
+    with pytest.raises(ValueError, match="window_size"):
+        flow_grpo_sde_sample(_field, x, sigmas, window_size=11)
+
+
+def test_rollout_sampler_is_reproducible_from_its_generator():
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    sigmas = flow_sigmas(10, 3.0)
+    a = flow_grpo_sde_sample(_field, x, sigmas, window_size=2, generator=torch.Generator().manual_seed(6))
+    b = flow_grpo_sde_sample(_field, x, sigmas, window_size=2, generator=torch.Generator().manual_seed(6))
+    c = flow_grpo_sde_sample(_field, x, sigmas, window_size=2, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.x0, b.x0) and torch.equal(a.stochastic, b.stochastic)
+    assert not torch.equal(a.x0, c.x0)
