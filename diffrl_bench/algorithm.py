@@ -41,6 +41,8 @@ class RolloutBatch:
     """(B,) float64 training reward (weighted sum of the components)"""
     advantages: torch.Tensor
     """(B,) float64 group-relative advantages from the `advantage` config (not clipped)"""
+    reward_components: Dict[str, torch.Tensor]
+    """(B,) scores of each reward component and its logged parts (`name`, `name.part`), before weighting"""
     sigmas: torch.Tensor
     """the rollout sampler's sigma grid"""
     trajectory: Optional[torch.Tensor] = None

@@ -63,16 +63,14 @@ def cmd_eval(args) -> int:
     import json
 
     from diffrl_bench.config import load_config
-    from diffrl_bench.evaluate import evaluate
+    from diffrl_bench.evaluate import build_eval_rewards, evaluate
     from diffrl_bench.prompts import load_prompts
     from diffrl_bench.registry import MODELS
-    from diffrl_bench.reward_harness import build_reward
 
     cfg = load_config(args.config, args.overrides)
     policy = MODELS.get(cfg.model.backend)(path=cfg.model.path)
-    rewards = {name: build_reward(name, dict(cfg.reward.options.get(name, {}))) for name in cfg.eval.rewards}
-    metrics, _, _ = evaluate(policy, load_prompts(cfg.data.eval_prompts, "data.eval_prompts"), cfg.eval, rewards,
-                             progress=True)
+    metrics, _, _ = evaluate(policy, load_prompts(cfg.data.eval_prompts, "data.eval_prompts"), cfg.eval,
+                             build_eval_rewards(cfg), progress=True)
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -10,11 +10,13 @@ from collections import defaultdict
 from typing import Dict, List, Sequence, Tuple
 
 import torch
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from diffrl_bench.prompts import Prompt
 from diffrl_bench.registry import SAMPLERS
-from diffrl_bench.reward_harness import call_reward
+from diffrl_bench.models import calls_per_velocity
+from diffrl_bench.reward_harness import build_reward, call_reward
 from diffrl_bench.sampling import flow_sigmas
 
 
@@ -35,9 +37,15 @@ def generate(policy, prompts: Sequence[str], noise: torch.Tensor, sampler_cfg, *
             return policy.velocity(x_t, sigma, cond, snapshot=snapshot, cfg_scale=sampler_cfg.cfg_scale)
 
         rollout = sampler(velocity, x, sigmas)
-        nfe += rollout.nfe * len(chunk) * (2 if sampler_cfg.cfg_scale != 1.0 else 1)
+        nfe += rollout.nfe * len(chunk) * calls_per_velocity(sampler_cfg.cfg_scale)
         images.append(policy.decode(rollout.x0).cpu())
     return torch.cat(images), nfe
+
+
+def build_eval_rewards(cfg) -> Dict[str, object]:
+    """The rewards scored at evaluation (`eval.rewards`), each with its options from `reward.options`."""
+    options = OmegaConf.to_container(cfg.reward.options)
+    return {name: build_reward(name, options.get(name)) for name in cfg.eval.rewards}
 
 
 def eval_noise(num: int, latent_shape, seed: int) -> torch.Tensor:

@@ -38,6 +38,11 @@ class PolicyBackend(Protocol):
     def snapshot_names(self) -> Iterable[str]: ...
 
 
+def calls_per_velocity(cfg_scale: float) -> int:
+    """Network evaluations per sample for one velocity: classifier-free guidance runs the network twice."""
+    return 1 if cfg_scale == 1.0 else 2
+
+
 def index_condition(cond: Any, index) -> Any:
     """Select rows of a condition (a tensor, or a dict/tuple of tensors)."""
     if isinstance(cond, torch.Tensor):

@@ -21,13 +21,13 @@ from diffrl_bench.advantages import group_advantages, zero_variance_mask
 from diffrl_bench.algorithm import RolloutBatch
 from diffrl_bench.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffrl_bench.config import algo_config, save_config
-from diffrl_bench.evaluate import evaluate
+from diffrl_bench.evaluate import build_eval_rewards, evaluate
 from diffrl_bench.ledger import CostLedger
-from diffrl_bench.models import THETA, index_condition
+from diffrl_bench.models import THETA, calls_per_velocity, index_condition
 from diffrl_bench.plots import plot_reward_vs_cost, save_image_grid
 from diffrl_bench.prompts import load_prompts
 from diffrl_bench.registry import ALGORITHMS, MODELS, SAMPLERS
-from diffrl_bench.reward_harness import WeightedReward, build_reward
+from diffrl_bench.reward_harness import WeightedReward
 from diffrl_bench.runlog import MetricsLog, run_info
 from diffrl_bench.sampling import flow_sigmas
 
@@ -76,8 +76,7 @@ class Trainer:
 
         self.reward = WeightedReward(dict(cfg.reward.components), OmegaConf.to_container(cfg.reward.options),
                                      worker=cfg.reward.worker)
-        options = OmegaConf.to_container(cfg.reward.options)
-        self.eval_rewards = {name: build_reward(name, options.get(name)) for name in cfg.eval.rewards}
+        self.eval_rewards = build_eval_rewards(cfg)
         self.train_prompts = load_prompts(cfg.data.train_prompts, "data.train_prompts")
         self.eval_prompts = load_prompts(cfg.data.eval_prompts, "data.eval_prompts")
 
@@ -134,7 +133,7 @@ class Trainer:
                     rollout = sampler(velocity, noise[start:stop].to(self.policy.device), self.sigmas,
                                       keep_trajectory=self.algo.rollout.keep_trajectory)
                     images = self.policy.decode(rollout.x0).cpu()
-                self.ledger.add_nfe("rollout", rollout.nfe * (stop - start) * (2 if cfg_scale != 1.0 else 1))
+                self.ledger.add_nfe("rollout", rollout.nfe * (stop - start) * calls_per_velocity(cfg_scale))
                 x0s.append(rollout.x0)
                 if rollout.trajectory is not None:
                     trajectories.append(rollout.trajectory)
@@ -143,13 +142,11 @@ class Trainer:
                 results = [f.result() for f in futures]
         self.ledger.add_images(P * K)
         scores = {key: torch.cat([res[key] for res in results]) for key in results[0]}
-        rewards = scores[WeightedReward.TOTAL].double()
+        rewards = scores.pop(WeightedReward.TOTAL).double()
         advantages = group_advantages(rewards, group_ids, std=self.cfg.advantage.std)
-        batch = RolloutBatch(x0=torch.cat(x0s), cond=cond, prompts=texts, metadata=metadata, group_ids=group_ids,
-                             rewards=rewards, advantages=advantages, sigmas=self.sigmas,
-                             trajectory=torch.cat(trajectories, dim=1) if trajectories else None)
-        self._last_scores = scores
-        return batch
+        return RolloutBatch(x0=torch.cat(x0s), cond=cond, prompts=texts, metadata=metadata, group_ids=group_ids,
+                            rewards=rewards, advantages=advantages, reward_components=scores, sigmas=self.sigmas,
+                            trajectory=torch.cat(trajectories, dim=1) if trajectories else None)
 
     # ------------------------------------------------------------------------------------------------- train
     def accumulate_gradients(self, batch: RolloutBatch, indices: torch.Tensor) -> Dict[str, float]:
@@ -174,8 +171,7 @@ class Trainer:
                 self.accelerator.backward(loss * weight)
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value.double().mean()) * weight
-            calls = len(item.snapshots) * (2 if item.cfg_scale != 1.0 else 1)
-            self.ledger.add_nfe("train", len(item.index) * calls)
+            self.ledger.add_nfe("train", len(item.index) * len(item.snapshots) * calls_per_velocity(item.cfg_scale))
         return sums
 
     def optimize(self, batch: RolloutBatch) -> Dict[str, float]:
@@ -214,9 +210,8 @@ class Trainer:
         row["step"] = self.step
         row["reward/mean"] = batch.rewards.mean().item()
         row["reward/std"] = batch.rewards.std(unbiased=False).item()
-        for key, value in self._last_scores.items():
-            if key != WeightedReward.TOTAL:
-                row[f"reward/{key}"] = value.double().mean().item()
+        for key, value in batch.reward_components.items():
+            row[f"reward/{key}"] = value.double().mean().item()
         row["train/zero_variance_frac"] = zero_variance_mask(batch.rewards, batch.group_ids).double().mean().item()
         row["train/step_s"] = time.perf_counter() - start
         row.update(self.ledger.columns())
