@@ -9,7 +9,10 @@ score", with intervals over seeds:
 - cost to first reach a threshold (`threshold_crossing`, linear interpolation between eval points) per arm with
   percentile-bootstrap intervals over seeds (`bootstrap_ci`), and speedups against a baseline arm
   (`speedup_ci`, seeds of each arm resampled independently);
-- a per-phase cost breakdown (rollout, reward, train; eval shown but outside the budget).
+- a per-phase cost breakdown (rollout, reward, train; eval shown but outside the budget);
+- for an ablation (`--by KEY ...`, or the sweep spec's `ablate` keys found in RESULTS_DIR/sweep.json), the final
+  score of every arm by its value of each ablated config key, and each value's mean over the arms that have it
+  (`ablation_tables`), written to `ablation.csv`.
 
 An arm counts as having reached the threshold only when every one of its seeds did (k/n is always reported):
 averaging the cost over the seeds that happened to get there would make an unreliable arm look cheap.
@@ -414,6 +417,9 @@ class Analysis:
     summary: pd.DataFrame
     per_run: pd.DataFrame
     sentences: List[str]
+    ablate: List[str] = field(default_factory=list)
+    ablation: Optional[pd.DataFrame] = None
+    ablation_effects: Optional[pd.DataFrame] = None
 
 
 def _fmt_ratio(value: float) -> str:
@@ -474,10 +480,80 @@ def speedup_sentence(arm: str, baseline: str, threshold: float, row: dict, base_
     return sentence + "."
 
 
+_MISSING = object()
+
+
+def config_value(config: dict, key: str):
+    """The value at a dotted `key` of a nested config dict, or `_MISSING`."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def sweep_ablate_keys(results_dir) -> List[str]:
+    """The `ablate` keys of the sweep spec(s) recorded in `results_dir/sweep.json` (none if there is no such file)."""
+    path = Path(results_dir) / "sweep.json"
+    if not path.exists():
+        return []
+    try:
+        sweeps = json.loads(path.read_text()).get("sweeps", {})
+    except (ValueError, AttributeError) as error:
+        raise ReportError(f"cannot read {path}: {error}") from error
+    keys: List[str] = []
+    for entry in sweeps.values():
+        for key in (entry.get("spec") or {}).get("ablate") or []:
+            if key not in keys:
+                keys.append(key)
+    return keys
+
+
+def ablation_tables(runs: Sequence[Run], per_run: pd.DataFrame,
+                    keys: Sequence[str]) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    """(by arm, by value) tables of an ablation over the config `keys`.
+
+    Only arms whose run configs set every key take part (reference arms of other methods drop out). By arm: each
+    arm's value of every key, its seeds, and its mean final score and held-out scores. By value: for each key and
+    each of its values, the mean, min and max of the arm means over the arms with that value: a main effect, read
+    across all the other axes. Raises `ReportError` if one arm's seeds disagree on a key's value."""
+    values: Dict[str, Dict[str, object]] = {}
+    for run in runs:
+        config_path = run.path / "config.yaml"
+        config = _read_config(config_path) if config_path.exists() else {}
+        found = {key: config_value(config, key) for key in keys}
+        if any(value is _MISSING for value in found.values()):
+            continue
+        found = {key: json.dumps(v) if isinstance(v, (dict, list)) else str(v) for key, v in found.items()}
+        if run.arm in values and values[run.arm] != found:
+            raise ReportError(f"arm {run.arm!r}: its seeds differ in {keys} ({values[run.arm]} vs {found} in "
+                              f"{run.path}); an ablation row must be one setting")
+        values[run.arm] = found
+    columns = ["final_reward"] + [c for c in per_run.columns if c.startswith("final_heldout:")]
+    rows = []
+    for arm, found in values.items():
+        mine = per_run[per_run["arm"] == arm]
+        rows.append({"arm": arm, **found, "seeds": len(mine), **{c: float(mine[c].mean()) for c in columns}})
+    by_arm = pd.DataFrame(rows, columns=["arm", *keys, "seeds", *columns])
+    effects = []
+    for key in keys:
+        for value, group in by_arm.groupby(key, sort=True):
+            effects.append({"key": key, "value": value, "arms": len(group),
+                            "mean_final_reward": float(group["final_reward"].mean()),
+                            "min_final_reward": float(group["final_reward"].min()),
+                            "max_final_reward": float(group["final_reward"].max())})
+    by_value = pd.DataFrame(effects, columns=["key", "value", "arms", "mean_final_reward", "min_final_reward",
+                                              "max_final_reward"])
+    return by_arm, by_value
+
+
 def analyse(results_dir, *, baseline: Optional[str] = None, threshold: Optional[float] = None,
             threshold_fraction: float = 0.9, metric: Optional[str] = None, n_boot: int = 2000, seed: int = 0,
-            level: float = 0.95) -> Analysis:
-    """Load the runs under `results_dir` and compute the summary table, per-run table and sentences."""
+            level: float = 0.95, ablate: Optional[Sequence[str]] = None) -> Analysis:
+    """Load the runs under `results_dir` and compute the summary table, per-run table and sentences; with
+    `ablate` config keys (default: the sweep spec's `ablate` list in `results_dir/sweep.json`; [] for none), also
+    the ablation tables."""
     if not 0.0 < level < 1.0:
         raise ReportError(f"the confidence level must lie between 0 and 1, got {level}")
     if int(n_boot) < 1:
@@ -580,8 +656,14 @@ def analyse(results_dir, *, baseline: Optional[str] = None, threshold: Optional[
                  for arm in arms if arm != baseline]
     if len(arms) == 1:
         sentences.append(f"Only one arm ({baseline}); nothing to compare it with.")
+    keys = list(sweep_ablate_keys(results_dir) if ablate is None else ablate)
+    by_arm = by_value = None
+    if keys:
+        by_arm, by_value = ablation_tables(runs, per_run, keys)
+        if by_arm.empty:
+            raise ReportError(f"no run under {results_dir} sets every ablated key {keys} in its config.yaml")
     return Analysis(Path(results_dir), runs, arms, headline, heldout, notes, baseline, baseline_reason, threshold,
-                    threshold_reason, level, int(n_boot), summary, per_run, sentences)
+                    threshold_reason, level, int(n_boot), summary, per_run, sentences, keys, by_arm, by_value)
 
 
 # --------------------------------------------------------------------------------------------------- figures
@@ -719,6 +801,24 @@ def _markdown_table(header: List[str], rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
+def _ablation_markdown(a: Analysis) -> List[str]:
+    score = f"final {_short(a.headline)}"
+    held = [c for c in a.ablation.columns if c.startswith("final_heldout:")]
+    by_value = [[f"`{r['key']}`", str(r["value"]), str(r["arms"]), f"{r['mean_final_reward']:.3f}",
+                 f"{r['min_final_reward']:.3f} to {r['max_final_reward']:.3f}"] for _, r in a.ablation_effects.iterrows()]
+    ordered = a.ablation.sort_values("final_reward", ascending=False, kind="stable")
+    by_arm = [[r["arm"], *[str(r[k]) for k in a.ablate], str(r["seeds"]), f"{r['final_reward']:.3f}",
+               *[f"{r[c]:.3f}" for c in held]] for _, r in ordered.iterrows()]
+    return ["## Ablation", "",
+            f"Arms whose configs set every ablated key ({', '.join(f'`{k}`' for k in a.ablate)}); "
+            f"{len(a.ablation)} of {len(a.arms)} arms. Each value's row averages the arm means over the arms with "
+            "that value, so it reads across every setting of the other keys (a main effect).", "",
+            _markdown_table(["key", "value", "arms", f"mean {score}", "range over those arms"], by_value), "",
+            _markdown_table(["arm", *[f"`{k}`" for k in a.ablate], "seeds", score,
+                             *[_short(c.removeprefix("final_heldout:")) for c in held]], by_arm), "",
+            "Both tables, unrounded: [ablation.csv](ablation.csv).", ""]
+
+
 def render_markdown(analysis: Analysis, figures: Dict[str, str]) -> str:
     """The text of report.md: sentences, summary table, figures (relative links) and method notes."""
     a = analysis
@@ -756,6 +856,8 @@ def render_markdown(analysis: Analysis, figures: Dict[str, str]) -> str:
             "All columns, unrounded: [summary.csv](summary.csv); one row per seed: [runs.csv](runs.csv). "
             "A speedup above 1 means the arm is cheaper than the baseline.", ""]
 
+    if a.ablation is not None:
+        out += _ablation_markdown(a)
     out += ["## Eval score vs cost", ""]
     for column, label, stem in AXES:
         name = figures.get(f"curves_{stem}")
@@ -843,6 +945,11 @@ def write_analysis(analysis: Analysis, out_dir=None) -> Path:
     figures["cost_breakdown"] = "cost_breakdown.png"
     _atomic_write_bytes(out / "summary.csv", analysis.summary.to_csv(index=False).encode())
     _atomic_write_bytes(out / "runs.csv", analysis.per_run.to_csv(index=False).encode())
+    if analysis.ablation is not None:
+        # One file: the by-value rows (key, value, ...) after the by-arm rows, so either reads with a filter.
+        table = pd.concat([analysis.ablation.assign(table="by_arm"), analysis.ablation_effects.assign(table="by_value")],
+                          ignore_index=True)
+        _atomic_write_bytes(out / "ablation.csv", table.to_csv(index=False).encode())
     report = out / "report.md"
     _atomic_write_bytes(report, render_markdown(analysis, figures).encode())
     return report
@@ -868,6 +975,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (2000)")
     parser.add_argument("--level", type=float, default=0.95, help="confidence level of every interval (0.95)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (0)")
+    parser.add_argument("--by", nargs="*", default=None, metavar="KEY",
+                        help="ablation: tabulate the final score by these config keys (default: the sweep spec's "
+                             "`ablate` keys from RESULTS_DIR/sweep.json; --by with no key: no ablation table)")
     return parser
 
 
@@ -879,7 +989,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         analysis = analyse(args.results_dir, baseline=args.baseline, threshold=args.threshold,
                            threshold_fraction=args.threshold_fraction, metric=args.metric, n_boot=args.n_boot,
-                           seed=args.seed, level=args.level)
+                           seed=args.seed, level=args.level, ablate=args.by)
         report = write_analysis(analysis, args.out)
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -888,6 +998,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"threshold {_fmt_threshold(analysis.threshold)} on {analysis.headline}, baseline {analysis.baseline}")
     for sentence in analysis.sentences:
         print(f"- {sentence}")
+    if analysis.ablation_effects is not None:
+        print("ablation (mean final score over the arms with each value):")
+        for _, r in analysis.ablation_effects.iterrows():
+            print(f"  {r['key']} = {r['value']}: {r['mean_final_reward']:.3f} over {r['arms']} arms")
     return 0
 
 

@@ -311,3 +311,63 @@ def test_mounts_as_a_subcommand(results, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["report", str(results), "--threshold", "0.5", "--threshold-fraction", "0.8"])
     capsys.readouterr()
+
+
+def _ablation_results(root):
+    """Arms crossing objective {a, b} x estimator {x, y}: final score 0.1 + 40 slope, slope = 0.005 (objective b)
+    + 0.0025 (estimator y) over 0.005; plus a reference arm whose config has no `algo` keys."""
+    for objective in ("a", "b"):
+        for estimator in ("x", "y"):
+            slope = 0.005 + 0.005 * (objective == "b") + 0.0025 * (estimator == "y")
+            for seed in range(2):
+                run = root / "runs" / f"{objective}-{estimator}" / f"seed{seed}"
+                _write_run(run, name=f"{objective}-{estimator}_seed{seed}", seed=seed, slope=slope, gpu_rate=0.01,
+                           nfe_rate=10, arm_json={"arm": f"{objective}-{estimator}", "seed": seed})
+                with open(run / "config.yaml", "a") as handle:
+                    handle.write(f"algo:\n  objective: {objective}\n  estimator: {estimator}\n")
+    _write_run(root / "runs" / "reference" / "seed0", name="reference_seed0", seed=0, slope=0.02, gpu_rate=0.01,
+               nfe_rate=10, arm_json={"arm": "reference", "seed": 0})
+    spec = {"ablate": ["algo.objective", "algo.estimator"]}
+    (root / "sweep.json").write_text(json.dumps({"sweeps": {"abl": {"spec": spec}}}))
+    return root
+
+
+def test_ablation_tables_by_arm_and_by_value(tmp_path, capsys):
+    root = _ablation_results(tmp_path / "abl")
+    out = tmp_path / "out"
+    # The ablated keys come from the sweep spec recorded in sweep.json.
+    assert report.main([str(root), "--out", str(out), "--n-boot", "50"]) == 0
+    table = pd.read_csv(out / "ablation.csv")
+    by_arm = table[table["table"] == "by_arm"].set_index("arm")
+    assert sorted(by_arm.index) == ["a-x", "a-y", "b-x", "b-y"]  # the reference arm sets no algo keys
+    assert by_arm.loc["b-y", "final_reward"] == pytest.approx(0.1 + 40 * 0.0125)
+    assert by_arm.loc["a-x", "algo.estimator"] == "x" and by_arm.loc["a-x", "seeds"] == 2
+    by_value = table[table["table"] == "by_value"].set_index(["key", "value"])
+    # Main effects: objective b adds 40 x 0.005 = 0.2 over a, estimator y adds 0.1 over x, whatever the other key.
+    mean = by_value["mean_final_reward"]
+    assert mean[("algo.objective", "b")] - mean[("algo.objective", "a")] == pytest.approx(0.2)
+    assert mean[("algo.estimator", "y")] - mean[("algo.estimator", "x")] == pytest.approx(0.1)
+    assert by_value.loc[("algo.objective", "a"), "arms"] == 2
+    assert by_value.loc[("algo.estimator", "x"), "min_final_reward"] == pytest.approx(0.3)
+    assert by_value.loc[("algo.estimator", "x"), "max_final_reward"] == pytest.approx(0.5)
+    text = (out / "report.md").read_text()
+    assert "## Ablation" in text and "4 of 5 arms" in text
+    assert "algo.estimator = y: 0.500 over 2 arms" in capsys.readouterr().out
+
+    # --by with no key turns it off; an explicit key list overrides the spec's.
+    plain = report.analyse(root, n_boot=20, ablate=[])
+    assert plain.ablation is None
+    only = report.analyse(root, n_boot=20, ablate=["algo.estimator"])
+    assert list(only.ablation_effects["value"]) == ["x", "y"]
+
+
+def test_ablation_errors_name_the_arm_and_the_key(tmp_path):
+    root = _ablation_results(tmp_path / "abl")
+    with pytest.raises(report.ReportError, match="algo.nothing"):
+        report.analyse(root, n_boot=20, ablate=["algo.nothing"])
+    with open(root / "runs" / "a-x" / "seed1" / "config.yaml", "a") as handle:
+        handle.write("rollout:\n  sampler:\n    name: euler\n")
+    with open(root / "runs" / "a-x" / "seed0" / "config.yaml", "a") as handle:
+        handle.write("rollout:\n  sampler:\n    name: dpm2\n")
+    with pytest.raises(report.ReportError, match="arm 'a-x': its seeds differ"):
+        report.analyse(root, n_boot=20, ablate=["rollout.sampler.name"])
