@@ -37,7 +37,7 @@ from diffrl_bench.toy import domain
 from diffrl_bench.toy.detector import score_batch
 from diffrl_bench.toy.model import ToyBackend
 
-PROMPTS_PER_STEP_GROUP = 8  # images per prompt, as in the toy presets (K = 8)
+IMAGES_PER_PROMPT = 8  # images per prompt, as in the toy presets (K = 8)
 TRAIN_TIMES = 9  # training times per image, as in the toy presets
 
 
@@ -51,8 +51,8 @@ def eval_config(images_per_prompt: int):
 
 def draw_prompts(train: List[Prompt], count: int, rng: np.random.Generator) -> List[Prompt]:
     """`count` images' prompts: count / 8 training prompts, each repeated 8 times (a prompt group)."""
-    groups = rng.choice(len(train), max(1, count // PROMPTS_PER_STEP_GROUP))
-    return [train[i] for i in groups for _ in range(PROMPTS_PER_STEP_GROUP)]
+    groups = rng.choice(len(train), max(1, count // IMAGES_PER_PROMPT))
+    return [train[i] for i in groups for _ in range(IMAGES_PER_PROMPT)]
 
 
 def renders(policy, train, args, rng, generator) -> Tuple[torch.Tensor, List[str]]:
