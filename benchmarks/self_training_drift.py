@@ -18,7 +18,7 @@ freezing everything but attention stops the collapse but does not learn either. 
 this base's own samples outweighs what selecting the correct ones adds, which is what the methods with negative
 or baseline-centred weights (nft, awm, crd, elbo_pg) cancel. Usage:
 
-    python benchmarks/self_training_drift.py [--steps 15] [--lr 1e-4] [--images 32] [--pool 128]
+    python benchmarks/self_training_drift.py [--model builtin:toy_base] [--steps 15] [--lr 1e-4] [--images 32]
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def fine_tune(arm: str, data: Callable, parameter_filter: Callable[[str], bool],
               evaluate_base: bool) -> List[Dict]:
     torch.manual_seed(0)
     rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
-    policy = ToyBackend()
+    policy = ToyBackend(args.model)
     params = [p for name, p in policy.core.named_parameters() if parameter_filter(name)]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     cfg = eval_config(args.eval_images)
@@ -115,6 +115,8 @@ def fine_tune(arm: str, data: Callable, parameter_filter: Callable[[str], bool],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="builtin:toy_base",
+                        help="toy base to start from: the shipped one, or a `diffrl-bench pretrain-toy --out` folder")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--images", type=int, default=32, help="training images per step (a multiple of 8)")
