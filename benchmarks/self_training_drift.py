@@ -41,14 +41,15 @@ from diffrl_bench.toy.model import ToyBackend
 
 IMAGES_PER_PROMPT = 8  # images per prompt, as in the toy presets (K = 8)
 TRAIN_TIMES = 9  # training times per image, as in the toy presets
+# The toy presets' sampler, for the own-sample rollouts and for the evaluation alike.
+SAMPLER = {"name": "dpm2", "num_steps": 10, "shift": 1.0, "cfg_scale": 1.0}
 
 
 def eval_config(images_per_prompt: int):
     return OmegaConf.create({
         "reward": {"options": {"toy_geneval": {"strict_weight": 0.5}}},
         "eval": {"rewards": ["toy_geneval", "toy_naturalness"], "images_per_prompt": images_per_prompt,
-                 "seed": 1234, "batch_size": 256,
-                 "sampler": {"name": "dpm2", "num_steps": 10, "shift": 1.0, "cfg_scale": 1.0}}})
+                 "seed": 1234, "batch_size": 256, "sampler": SAMPLER}})
 
 
 def draw_prompts(train: List[Prompt], count: int, rng: np.random.Generator) -> List[Prompt]:
@@ -67,8 +68,7 @@ def renders(policy, train, args, rng, generator) -> Tuple[torch.Tensor, List[str
 def own_samples(policy, train, args, rng, generator, correct_only: bool = False) -> Tuple[torch.Tensor, List[str]]:
     prompts = draw_prompts(train, args.pool if correct_only else args.images, rng)
     noise = torch.randn((len(prompts), *policy.latent_shape), generator=generator)
-    sampler = OmegaConf.create({"name": "dpm2", "num_steps": 10, "shift": 1.0, "cfg_scale": 1.0})
-    images, _ = generate(policy, [p.text for p in prompts], noise, sampler)
+    images, _ = generate(policy, [p.text for p in prompts], noise, OmegaConf.create(SAMPLER))
     if correct_only:
         strict, _ = score_batch(images, [p.metadata for p in prompts])
         keep = np.flatnonzero(strict >= 1.0)[:args.images]

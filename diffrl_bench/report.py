@@ -242,6 +242,8 @@ class Run:
     path: Path
     frame: pd.DataFrame
     eval_rewards: List[str] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    """the run's config.yaml as written (empty when there is none)"""
 
     def eval_points(self, column: str) -> pd.DataFrame:
         """Eval rows (where `column` has a value) with the cost axes, in step order."""
@@ -320,7 +322,7 @@ def load_runs(results_dir) -> List[Run]:
         except (ValueError, OSError) as error:
             raise ReportError(f"cannot read {metrics}: {error}") from error
         rewards = list((config.get("eval") or {}).get("rewards") or [])
-        runs.append(Run(arm, seed, directory, _prepare_frame(frame, directory), rewards))
+        runs.append(Run(arm, seed, directory, _prepare_frame(frame, directory), rewards, config))
     if not runs:
         raise NoRunsError(f"no runs under {root}: no folder there holds a metrics.csv")
     runs.sort(key=lambda r: (r.arm, r.seed))
@@ -520,9 +522,7 @@ def ablation_tables(runs: Sequence[Run], per_run: pd.DataFrame,
     across all the other axes. Raises `ReportError` if one arm's seeds disagree on a key's value."""
     values: Dict[str, Dict[str, object]] = {}
     for run in runs:
-        config_path = run.path / "config.yaml"
-        config = _read_config(config_path) if config_path.exists() else {}
-        found = {key: config_value(config, key) for key in keys}
+        found = {key: config_value(run.config, key) for key in keys}
         if any(value is _MISSING for value in found.values()):
             continue
         found = {key: json.dumps(v) if isinstance(v, (dict, list)) else str(v) for key, v in found.items()}
