@@ -82,11 +82,21 @@ def latest_checkpoint(directory: Path) -> Optional[Path]:
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     generators: Dict[str, torch.Generator]) -> Tuple[dict, Dict[str, torch.Tensor]]:
-    """Restore model, optimizer and RNG states in place; return (trainer state, snapshot tensors)."""
+    """Restore model, optimizer and RNG states in place; return (trainer state, snapshot tensors).
+
+    Raises `ValueError` naming the checkpoint, before anything is restored, when it lacks the state of one of the
+    run's random generators (written by an older version or a differently launched run): resuming without it would
+    silently change the run's random streams."""
     state = json.loads((path / "state.json").read_text())
+    rng = load_file(str(path / "rng.safetensors"))
+    missing = sorted(name for name in generators if f"generator.{name}" not in rng)
+    if missing:
+        raise ValueError(f"checkpoint {path} holds no state for the random generator(s) {missing} this run uses "
+                         f"(it has {sorted(k.removeprefix('generator.') for k in rng if k.startswith('generator.'))});"
+                         f" it was written by an older diffrl-bench or a differently launched run. Resume it with "
+                         f"that setup, or start afresh in another output_dir")
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
-    rng = load_file(str(path / "rng.safetensors"))
     for name, g in generators.items():
         g.set_state(rng[f"generator.{name}"])
     torch.set_rng_state(rng["torch_cpu"])

@@ -107,3 +107,21 @@ def test_sampling_snapshot_starts_equal_to_theta_and_lags_after_updates(tiny_run
     # ref is frozen.
     assert torch.equal(ref, torch.cat([p.flatten() for p in trainer.policy.snapshots["ref"].parameters()]))
     trainer.reward.close()
+
+
+def test_resuming_a_checkpoint_without_a_generator_state_names_it_and_changes_nothing(tiny_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    train(load_config("toy_nft", tiny_run("train.steps=2", "eval.every=-1", "checkpoint.every=2", out=out)),
+          progress=False)
+    # A checkpoint from a version without the sampler generator: its RNG file lacks that entry.
+    rng_file = out / "checkpoints" / "step_0000002" / "rng.safetensors"
+    rng = load_file(str(rng_file))
+    del rng["generator.sampler"]
+    save_file(rng, str(rng_file))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=r"step_0000002 holds no state for the random generator\(s\) \['sampler'\]"):
+        Trainer(load_config("toy_nft", tiny_run("train.steps=3", "eval.every=-1", "checkpoint.every=2", out=out)),
+                progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
