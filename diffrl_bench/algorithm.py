@@ -57,6 +57,9 @@ class RolloutBatch:
     """the recorded stochastic transitions when the rollout request set `record_before`"""
     cfg_scale: float = 1.0
     """the guidance the rollout sampled with (trajectory likelihoods must be recomputed with the same)"""
+    step_scores: Dict[str, torch.Tensor] = field(default_factory=dict)
+    """the whole step's float64 scores from every process, in the step's image order (length P*K): the training
+    reward under `"reward"` and each entry of `reward_components`; on one process, the local ones"""
 
 
 @dataclass

@@ -139,6 +139,18 @@ class Trainer:
             return values
         return self.accelerator.gather(values.to(self.accelerator.device)).cpu()
 
+    def gather_scores(self, scores: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """`gather` for a dict of (local,) scores, as float64, in one collective instead of one per entry."""
+        if self.world == 1:
+            return {key: value.double() for key, value in scores.items()}
+        columns = self.gather(torch.stack([value.double() for value in scores.values()], dim=1))
+        return dict(zip(scores, columns.unbind(dim=1)))
+
+    def step_group_ids(self) -> torch.Tensor:
+        """(P*K,) the prompt group of every image of a step, in the step's image order."""
+        r = self.cfg.rollout
+        return torch.arange(r.prompts_per_step).repeat_interleave(r.images_per_prompt)
+
     def _configure_deepspeed(self) -> None:
         """Fill the DeepSpeed config values accelerate would infer from a dataloader this loop does not have.
 
@@ -164,7 +176,7 @@ class Trainer:
         else:
             chosen = torch.randint(len(self.train_prompts), (P,), generator=g["prompts"])
         prompts = [self.train_prompts[int(i)] for i in chosen for _ in range(K)]
-        group_ids_all = torch.arange(P).repeat_interleave(K)
+        group_ids_all = self.step_group_ids()
         shape = self.policy.latent_shape
         if r.same_noise_per_group:
             noise = torch.randn((P, *shape), generator=g["noise"]).repeat_interleave(K, dim=0)
@@ -219,10 +231,13 @@ class Trainer:
                 results = [f.result() for f in futures]
         self.ledger.add_images(P * K)
         scores = {key: torch.cat([res[key] for res in results]) for key in results[0]}
+        step_scores = self.gather_scores(scores)
         rewards = scores.pop(WeightedReward.TOTAL).double()
-        advantages = group_advantages(self.gather(rewards), group_ids_all, std=self.cfg.advantage.std)[lo:hi]
+        advantages = group_advantages(step_scores[WeightedReward.TOTAL], group_ids_all,
+                                      std=self.cfg.advantage.std)[lo:hi]
         return RolloutBatch(x0=torch.cat(x0s) if x0s else None, cond=cond, prompts=texts, metadata=metadata,
                             group_ids=group_ids, rewards=rewards, advantages=advantages, reward_components=scores,
+                            step_scores=step_scores,
                             sigmas=self.sigmas,
                             trajectory=torch.cat(trajectories, dim=1) if trajectories else None,
                             transitions=Transitions.cat(transitions) if transitions else None, cfg_scale=cfg_scale)
@@ -297,12 +312,13 @@ class Trainer:
             row = self.optimize(batch)
         self.step += 1
         row["step"] = self.step
-        rewards, group_ids = self.gather(batch.rewards), self.gather(batch.group_ids)
+        # Every process's scores were gathered once, in collect: logging needs no further collective.
+        rewards = batch.step_scores[WeightedReward.TOTAL]
         row["reward/mean"] = rewards.mean().item()
         row["reward/std"] = rewards.std(unbiased=False).item()
-        for key, value in batch.reward_components.items():
-            row[f"reward/{key}"] = self.gather(value.double()).mean().item()
-        row["train/zero_variance_frac"] = zero_variance_mask(rewards, group_ids).double().mean().item()
+        for key in batch.reward_components:
+            row[f"reward/{key}"] = batch.step_scores[key].mean().item()
+        row["train/zero_variance_frac"] = zero_variance_mask(rewards, self.step_group_ids()).double().mean().item()
         row["train/step_s"] = time.perf_counter() - start
         row.update(self.ledger.columns())
         return row

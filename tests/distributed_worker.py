@@ -31,6 +31,8 @@ def main() -> None:
         batch = trainer.collect()
         tensors[f"advantages{step}"] = trainer.gather(batch.advantages).contiguous()
         tensors[f"rewards{step}"] = trainer.gather(batch.rewards).contiguous()
+        tensors[f"step_rewards{step}"] = batch.step_scores["reward"].contiguous()
+        tensors[f"step_brightness{step}"] = batch.step_scores["test_brightness"].contiguous()
         trainer.optimize(batch)
     for i, p in enumerate(trainer.policy.core.parameters()):
         tensors[f"param{i}"] = p.detach().cpu().contiguous()

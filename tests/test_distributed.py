@@ -66,3 +66,8 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tiny_run, tmp_
     assert torch.equal(ranks[0]["advantages0"], single.advantages)
     assert torch.equal(ranks[1]["advantages0"], single.advantages)
     assert not torch.equal(ranks[0]["advantages0"], ranks[0]["advantages1"])
+    # The whole step's scores, gathered once in collect for advantages and logging, reach every rank complete
+    # and in the step's image order: the same as one process's own.
+    for rank in ranks:
+        assert torch.equal(rank["step_rewards0"], single.rewards)
+        assert torch.equal(rank["step_brightness0"], single.reward_components["test_brightness"].double())
