@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from diffrl_bench.schedules import soft_update_
+from diffrl_bench.zero3 import full_parameters
 
 THETA = "theta"
 
@@ -112,7 +113,11 @@ class SnapshotPolicy:
 
     @torch.no_grad()
     def update_snapshot(self, name: str, decay: float) -> None:
-        soft_update_(self.snapshots[name].parameters(), self.core.parameters(), decay)
+        # Snapshots are copied before accelerate.prepare, so they stay whole; under ZeRO-3 theta does not, and is
+        # gathered one tensor at a time (a full model's worth at once would double its memory on every process).
+        for phi, theta in zip(self.snapshots[name].parameters(), self.core.parameters(), strict=True):
+            with full_parameters([theta]):
+                soft_update_([phi], [theta], decay)
 
     def _network(self, snapshot: str) -> nn.Module:
         if snapshot == THETA:

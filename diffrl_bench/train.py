@@ -92,7 +92,8 @@ class Trainer:
         if self.deepspeed:
             self._configure_deepspeed()
 
-        self.policy = build_policy(cfg.model, device)
+        with self._models_load_whole():
+            self.policy = build_policy(cfg.model, device)
         self.algo = ALGORITHMS.get(cfg.algorithm)(algo_config(cfg), cfg)
         for name in self.algo.snapshots:
             self.policy.add_snapshot(name)
@@ -150,6 +151,25 @@ class Trainer:
         """(P*K,) the prompt group of every image of a step, in the step's image order."""
         r = self.cfg.rollout
         return torch.arange(r.prompts_per_step).repeat_interleave(r.images_per_prompt)
+
+    @contextlib.contextmanager
+    def _models_load_whole(self):
+        """Under DeepSpeed, build the policy with transformers' DeepSpeed hook unset.
+
+        accelerate registers its DeepSpeed config with transformers whatever `zero3_init_flag` says, and under
+        ZeRO-3 transformers' `from_pretrained` then builds every model inside `deepspeed.zero.Init`, sharding
+        the frozen text encoders and VAE that DeepSpeed never manages afterwards (a CLIP encoder is left with 0
+        position embeddings). Models load whole; `accelerator.prepare` shards the trained one."""
+        if not self.deepspeed:
+            yield
+            return
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            self.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
     def _configure_deepspeed(self) -> None:
         """Fill the DeepSpeed config values accelerate would infer from a dataloader this loop does not have.

@@ -1,5 +1,7 @@
-"""Two CPU processes over gloo (DDP, and DeepSpeed ZeRO-2): identical parameters on both ranks after training, and
-advantages identical to a single-process run over the same rollouts (a prompt's images span both ranks)."""
+"""Two CPU processes over gloo (DDP, DeepSpeed ZeRO-2 and ZeRO-3, the latter also with every parameter sharded):
+identical parameters and snapshots on both ranks after training, and advantages identical to a single-process run
+over the same rollouts (a prompt's images span both ranks)."""
+import json
 import os
 import socket
 import subprocess
@@ -8,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from diffrl_bench.config import load_config
+from diffrl_bench.toy.model import load_toy_model
 from diffrl_bench.train import Trainer
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -46,11 +50,34 @@ def _single_process(tiny_run, tmp_path):
     return batch
 
 
-@pytest.mark.parametrize("launcher", ["ddp", "zero2", "zero3"])
-def test_two_processes_agree_with_each_other_and_with_one_process(tiny_run, tmp_path, launcher):
-    """Launched with the shipped accelerate config files (their GPU settings overridden for 2 CPU processes)."""
-    args = ["--config_file", str(ACCELERATE_CONFIGS / f"{launcher}.yaml")]
-    ranks = _launch(tmp_path, args, _overrides(tiny_run, tmp_path / "run"))
+def _old_lag(rank) -> float:
+    """max |old - theta| over max |theta - theta_0|."""
+    params = [k for k in rank if k.startswith("param")]
+    moved = max((rank[k] - rank[k.replace("param", "init")]).abs().max() for k in params)
+    return float(max((rank[k.replace("param", "old")] - rank[k]).abs().max() for k in params) / moved)
+
+
+def _launcher_args(launcher: str, tmp_path: Path) -> list:
+    if launcher != "zero3_partitioned":
+        return ["--config_file", str(ACCELERATE_CONFIGS / f"{launcher}.yaml")]
+    # The shipped zero3.yaml, but partitioning every parameter: the tiny model's tensors are all below DeepSpeed's
+    # default persistence threshold, so plain ZeRO-3 keeps them whole and never shards anything.
+    ds_config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                 "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                 "gradient_accumulation_steps": 1, "gradient_clipping": 1.0}
+    (tmp_path / "ds.json").write_text(json.dumps(ds_config))
+    accelerate_config = OmegaConf.load(ACCELERATE_CONFIGS / "zero3.yaml")
+    accelerate_config.deepspeed_config = {"deepspeed_config_file": str(tmp_path / "ds.json"), "zero3_init_flag": False}
+    accelerate_config.pop("mixed_precision")  # the DeepSpeed file decides it (none: fp32)
+    OmegaConf.save(accelerate_config, tmp_path / "zero3_partitioned.yaml")
+    return ["--config_file", str(tmp_path / "zero3_partitioned.yaml")]
+
+
+@pytest.mark.parametrize("launcher", ["ddp", "zero2", "zero3", "zero3_partitioned"])
+def test_two_processes_agree_with_each_other_and_with_one_process(tiny_run, tiny_model_dir, tmp_path, launcher):
+    """Launched with the shipped accelerate config files (their GPU settings overridden for 2 CPU processes), and
+    with ZeRO-3 forced to shard every parameter."""
+    ranks = _launch(tmp_path, _launcher_args(launcher, tmp_path), _overrides(tiny_run, tmp_path / "run"))
     assert int(ranks[0]["world"]) == 2
     # The ledger counts both processes: 2 steps x 12 images x 3 sampler steps; 2 steps x 12 images x 2 training
     # times x 3 snapshots (theta, old, ref) - the same as one process doing all the work.
@@ -59,6 +86,17 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tiny_run, tmp_
     # Identical parameters on both ranks after two optimizer steps, and training moved them.
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in params)
     assert any(not torch.equal(ranks[0][k], ranks[0][k.replace("param", "init")]) for k in params)
+    # Whole tensors (gathered where ZeRO-3 shards them), and the start is exactly the base model's weights.
+    base = list(load_toy_model(tiny_model_dir).parameters())
+    assert len(params) == len(base)
+    assert all(torch.equal(ranks[0][f"init{i}"], p.detach()) for i, p in enumerate(base))
+    # The `old` snapshot (decay 0.001, then 0.002) is soft-updated from theta's whole values: identical on both
+    # ranks and within 0.2% of theta's displacement from the start. Had the update missed theta (sharded, stale
+    # or zero), it would sit at the start or at zero, as far from theta as theta moved.
+    olds = sorted(k for k in ranks[0] if k.startswith("old"))
+    assert len(olds) == len(params)
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in olds)
+    assert _old_lag(ranks[0]) < 0.01
     single = _single_process(tiny_run, tmp_path)
     # Same rollouts as one process (shared prompt and noise streams, each rank its slice), so the gathered rewards
     # and the group statistics computed from them are identical, although prompt 1's images live on both ranks.
@@ -71,3 +109,17 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tiny_run, tmp_
     for rank in ranks:
         assert torch.equal(rank["step_rewards0"], single.rewards)
         assert torch.equal(rank["step_brightness0"], single.reward_components["test_brightness"].double())
+
+
+def test_lora_snapshots_train_and_update_under_sharded_zero3(tiny_sd3, tmp_path):
+    """The SD3 backend's default LoRA: theta and the `old` snapshot are adapters inside the module ZeRO-3 shards."""
+    overrides = ["model.backend=sd3", f"model.path={tiny_sd3}", f"output_dir={tmp_path / 'run'}", "train.threads=1",
+                 "rollout.prompts_per_step=3", "rollout.images_per_prompt=4", "rollout.chunk_size=3",
+                 "rollout.sampler.num_steps=2", "rollout.sampler.shift=3.0", "eval.every=-1", "checkpoint.every=0",
+                 "train.micro_batch_size=3", "algo.num_train_times=2", "reward.components.test_brightness=1.0",
+                 "optim.lr=1e-2"]
+    ranks = _launch(tmp_path, _launcher_args("zero3_partitioned", tmp_path), overrides)
+    params = sorted(k for k in ranks[0] if k.startswith("param"))
+    assert params and all(ranks[0][k].numel() > 0 for k in params)
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0] if k.startswith(("param", "old")))
+    assert _old_lag(ranks[0]) < 0.01

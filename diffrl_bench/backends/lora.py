@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from diffrl_bench.schedules import soft_update_
+from diffrl_bench.zero3 import full_parameters
 
 THETA_ADAPTER = "default"
 """peft's name for the trained adapter; diffusers' LoRA export expects the trained weights under it"""
@@ -116,7 +117,10 @@ class LoraSnapshots:
     def soft_update(self, adapter: str, decay: float) -> None:
         """phi <- d phi + (1 - d) theta on the adapter weights."""
         theta, phi = self._params[THETA_ADAPTER], self._params[adapter]
-        soft_update_([phi[k] for k in theta], [theta[k] for k in theta], decay)
+        # Under ZeRO-3 both adapters live in the partitioned module: gather each pair, write the snapshot's back.
+        for key in theta:
+            with full_parameters([theta[key], phi[key]], modified=True):
+                soft_update_([phi[key]], [theta[key]], decay)
 
     # ------------------------------------------------------------------------------------------- switching
     def _fix_requires_grad(self) -> None:
