@@ -109,21 +109,6 @@ def check_training_times(config: Any, run: Any) -> None:
                          f"the rollout grid (rollout.sampler.num_steps); lower it or use uniform / logit_normal")
 
 
-def require_whole_groups(group_ids: torch.Tensor, group_size: Any, who: str) -> None:
-    """Group statistics (a group's mean reward, its best sample) need every image of a prompt in the batch.
-
-    Under multi-process training each process holds a contiguous slice of the step's images, which splits a prompt
-    group when the slice is not a multiple of the group size; a statistic of the part would silently differ from the
-    group's, so this stops the run instead. (`group_size` None: not known, nothing checked.)"""
-    if group_size is None or group_ids.numel() == 0:
-        return
-    counts = torch.unique(group_ids, return_counts=True)[1]
-    if bool((counts != group_size).any()):
-        raise ValueError(f"{who} needs all {group_size} images of each prompt on one process, but this process holds "
-                         f"part of a group (sizes {sorted(set(counts.tolist()))}); make rollout.prompts_per_step "
-                         f"divisible by the number of processes")
-
-
 @ALGORITHMS.register("elbo_pg")
 class ELBOPolicyGradient:
     """ELBO-likelihood policy gradient (arXiv 2602.04663): estimator x objective x sampler, each selectable."""
@@ -157,7 +142,6 @@ class ELBOPolicyGradient:
         self.trajectory = self.estimate.kind == "trajectory"
         spec = self.objective.default_advantage if config.advantage == "auto" else config.advantage
         self.advantage_kind, self.advantage_scale = parse_advantage(spec)
-        self.group_size = run.rollout.images_per_prompt if run is not None else None
         options = dict(run.rollout.sampler.options) if run is not None else {}
         self.noise_level = float(options.get("noise_level", 0.7))
         self.sde_type = str(options.get("sde_type", "sde"))
@@ -174,10 +158,11 @@ class ELBOPolicyGradient:
         self._snapshot_cfg = {"ref": config.ref_cfg_scale} if config.kl_beta > 0 and config.ref_cfg_scale != 1.0 else {}
 
     def advantages(self, batch: RolloutBatch) -> torch.Tensor:
-        """(B,) float64 advantages in the objective's scale, from the whole batch (group means over whole groups)."""
+        """(B,) float64 advantages in the objective's scale; group means are over the whole step's groups."""
         if self.advantage_kind == "centered":
-            require_whole_groups(batch.group_ids, self.group_size, "elbo_pg's centered advantage")
-            return group_mean_centered(batch.rewards, batch.group_ids, self.advantage_scale)
+            # Group means over the whole step, so a prompt group split between processes keeps its one mean.
+            rewards, group_ids = batch.whole_step()
+            return group_mean_centered(rewards, group_ids, self.advantage_scale)[batch.local_slice()]
         c = self.config.adv_clip_max
         return batch.advantages.to(torch.float64).clamp(-c, c)
 

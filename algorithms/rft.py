@@ -94,24 +94,22 @@ class RejectionSamplingFineTuning:
 
     def __init__(self, config: RFTConfig, run: Any = None):
         self.config = config
-        self.group_size = run.rollout.images_per_prompt if run is not None else None
         self.rollout = RolloutRequest(snapshot="theta", keep_x0=True)
         self.snapshots = {"ref": None} if config.kl_beta > 0 else {}
         self._needs = ("theta", "ref") if config.kl_beta > 0 else ("theta",)
 
     def training_items(self, batch: RolloutBatch, indices, micro_batch_size: int, generator) -> List[TrainingItem]:
         """(time, kept sample) pairs, time-major, in micro-batches of pairs. Selection is over whole groups of the
-        batch; an optimizer step trains the kept samples among its `indices`.
+        step (across processes); an optimizer step trains the kept samples among its `indices`.
 
         When none of them is kept, one placeholder item with a zero loss is returned instead of none: every process
-        then still runs a backward (under DDP / DeepSpeed the last backward of a step is a collective), the gradient
-        is exactly zero, and the logged `fm_loss` of that step is left empty."""
-        from diffrl_bench.algorithms.policy_gradient import require_whole_groups
-
+        then still runs the step's forward and backward passes (collectives under DDP and DeepSpeed), with the same
+        snapshots as a real item, the gradient is exactly zero, and the logged `fm_loss` of that step is left empty."""
         c = self.config
-        require_whole_groups(batch.group_ids, self.group_size, "rft's best-of-group selection")
-        keep = best_of_group(batch.rewards, batch.group_ids, c.top_k, c.top_fraction, c.skip_flat_groups,
-                             c.min_reward)
+        # Selected over the whole step, so a prompt group split between processes keeps its one best sample.
+        rewards, group_ids = batch.whole_step()
+        keep = best_of_group(rewards, group_ids, c.top_k, c.top_fraction, c.skip_flat_groups,
+                             c.min_reward)[batch.local_slice()]
         chosen = indices[keep[indices]]
         B, T = len(chosen), c.num_train_times
         # Times and noise are drawn even when nothing is kept, so the training stream does not depend on rewards.
@@ -119,15 +117,15 @@ class RejectionSamplingFineTuning:
         if B == 0:
             first = indices[:1]
             x = batch.x0[first]
-            return [TrainingItem(index=first, x=x, sigma=times[0, :1].to(x.dtype), snapshots=("theta",),
-                                 data={"placeholder": torch.ones(1)})]
+            return [TrainingItem(index=first, x=x, sigma=times[0, :1].to(x.dtype), snapshots=self._needs,
+                                 placeholder=True)]
         return forward_process_items(batch.x0[chosen], chosen, times, generator, micro_batch_size, self._needs,
                                      per_sample={"reward": batch.rewards[chosen]})
 
     def loss(self, item: TrainingItem, velocities: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         d = item.data
         v_theta = velocities["theta"]
-        if "placeholder" in d:
+        if item.placeholder:
             loss = 0.0 * v_theta.sum()
             return loss, {"loss": loss.detach()}
         fm_loss = mean_chw((v_theta - (d["eps"] - d["x0"])).square()).mean()

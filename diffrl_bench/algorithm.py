@@ -60,6 +60,22 @@ class RolloutBatch:
     step_scores: Dict[str, torch.Tensor] = field(default_factory=dict)
     """the whole step's float64 scores from every process, in the step's image order (length P*K): the training
     reward under `"reward"` and each entry of `reward_components`; on one process, the local ones"""
+    step_group_ids: Optional[torch.Tensor] = None
+    """(P*K,) the prompt group of every image of the step, on every process"""
+    step_offset: int = 0
+    """where this process's images start in the step: they are the step's `[step_offset, step_offset + B)`"""
+
+    def whole_step(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(rewards, group ids) of the whole step, across processes: a group statistic computed on these and cut
+        with `local_slice` is what one process holding every image would compute, even where a prompt's images
+        are split between processes. A batch built without them (one process, or by hand) is its own step."""
+        if self.step_group_ids is None:
+            return self.rewards, self.group_ids
+        return self.step_scores["reward"], self.step_group_ids
+
+    def local_slice(self) -> slice:
+        """This process's images within `whole_step()`."""
+        return slice(self.step_offset, self.step_offset + len(self.group_ids))
 
 
 @dataclass
@@ -81,6 +97,9 @@ class TrainingItem:
     snapshot_cfg: Dict[str, float] = field(default_factory=dict)
     """guidance for particular snapshots, overriding `cfg_scale` for them (e.g. CRD's KL anchor to the CFG-guided
     base: `{"ref": 4.5}`)"""
+    placeholder: bool = False
+    """an item whose loss is exactly 0, run only so that a process with nothing to train still takes part in the
+    step's collectives; it adds no samples to the step's mean"""
 
 
 class Algorithm(Protocol):
@@ -95,6 +114,8 @@ class Algorithm(Protocol):
 
     def training_items(self, batch: RolloutBatch, indices: torch.Tensor, micro_batch_size: int,
                        generator: torch.Generator) -> Sequence[TrainingItem]: ...
+    """At least one item; all items of a call evaluate the same snapshots with the same guidance (under ZeRO-3 or
+    LoRA every snapshot call is a collective, and processes running unequal item counts are padded with repeats)."""
 
     def loss(self, item: TrainingItem, velocities: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]: ...
 

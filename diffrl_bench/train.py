@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -27,7 +27,7 @@ from diffrl_bench.ledger import CostLedger
 from diffrl_bench.models import THETA, build_policy, calls_per_velocity, index_condition
 from diffrl_bench.plots import plot_reward_vs_cost, save_image_grid
 from diffrl_bench.prompts import load_prompts
-from diffrl_bench.registry import ALGORITHMS, MODELS, SAMPLERS
+from diffrl_bench.registry import ALGORITHMS, SAMPLERS
 from diffrl_bench.reward_harness import WeightedReward
 from diffrl_bench.runlog import MetricsLog, run_info
 from diffrl_bench.sampling import Transitions, flow_sigmas
@@ -257,7 +257,7 @@ class Trainer:
                                       std=self.cfg.advantage.std)[lo:hi]
         return RolloutBatch(x0=torch.cat(x0s) if x0s else None, cond=cond, prompts=texts, metadata=metadata,
                             group_ids=group_ids, rewards=rewards, advantages=advantages, reward_components=scores,
-                            step_scores=step_scores,
+                            step_scores=step_scores, step_group_ids=group_ids_all, step_offset=lo,
                             sigmas=self.sigmas,
                             trajectory=torch.cat(trajectories, dim=1) if trajectories else None,
                             transitions=Transitions.cat(transitions) if transitions else None, cfg_scale=cfg_scale)
@@ -266,11 +266,23 @@ class Trainer:
     def accumulate_gradients(self, batch: RolloutBatch, indices: torch.Tensor) -> Dict[str, float]:
         """Backward the algorithm's loss over `indices` (one optimizer step's share), micro-batch by micro-batch.
 
-        Each item's loss is a mean over its samples, so it is weighted by its share of the step's samples: the
-        accumulated gradient is then the same for any micro-batch size.
+        Each item's loss is a mean over its samples, so it is weighted by its share of the step's samples, counted
+        over every process: the accumulated gradient is then the same for any micro-batch size and any number of
+        processes, also when processes train unequal shares (rft's kept samples, CRD's group blocks). Those then
+        run as many items as the busiest process, the extra ones repeats with weight 0: under DeepSpeed every
+        forward and backward is a collective.
         """
-        items = self.algo.training_items(batch, indices, self.cfg.train.micro_batch_size, self.generators["train"])
-        total = sum(len(item.index) for item in items)
+        items = list(self.algo.training_items(batch, indices, self.cfg.train.micro_batch_size,
+                                              self.generators["train"]))
+        real = len(items)
+        total = sum(len(item.index) for item in items if not item.placeholder)
+        step_total, most = total, real
+        if self.world > 1:
+            counts = self.gather(torch.tensor([[total, real]]))
+            step_total, most = int(counts[:, 0].sum()), int(counts[:, 1].max())
+            items += [items[-1]] * (most - real)
+        # DDP and DeepSpeed average the processes' gradients: scaling by world size makes it the step's mean.
+        scale = self.world / step_total if step_total > 0 else 0.0
         sums: Dict[str, float] = {}
         for k, item in enumerate(items):
             cond = index_condition(batch.cond, item.index)
@@ -279,7 +291,8 @@ class Trainer:
                                                       cfg_scale=item.snapshot_cfg.get(s, item.cfg_scale))
                               for s in item.snapshots}
             loss, metrics = self.algo.loss(item, velocities)
-            weight = len(item.index) / total
+            counted = k < real and not item.placeholder
+            weight = len(item.index) * scale if counted else 0.0
             # Under DDP only the last backward of the step all-reduces; DeepSpeed steps at that boundary.
             last = k == len(items) - 1
             if self.deepspeed:
@@ -288,10 +301,13 @@ class Trainer:
             else:
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy.module):
                     self.accelerator.backward(loss * weight)
-            for key, value in metrics.items():
-                sums[key] = _reduce_metric(key, sums.get(key), value, weight)
+            if k < real:  # metrics: this process's mean over its own share
+                share = len(item.index) / total if counted else float(total == 0)
+                for key, value in metrics.items():
+                    sums[key] = _reduce_metric(key, sums.get(key), value, share)
             calls = sum(calls_per_velocity(item.snapshot_cfg.get(s, item.cfg_scale)) for s in item.snapshots)
-            # Every process trains an equal share, as in the rollout: the ledger counts them all.
+            # The ledger is the main process's: it counts its own calls once per process (the shares are equal
+            # for every algorithm but rft and CRD, where this is an estimate).
             self.ledger.add_nfe("train", len(item.index) * calls * self.world)
         return sums
 

@@ -54,7 +54,8 @@ def main() -> None:
         tensors[f"step_brightness{step}"] = batch.step_scores["test_brightness"].contiguous()
         trainer.optimize(batch)
     tensors.update(whole(trainer.policy.trainable_parameters(), "param"))
-    tensors.update(whole(old_snapshot_parameters(trainer.policy), "old"))
+    if "old" in trainer.policy.snapshot_names():
+        tensors.update(whole(old_snapshot_parameters(trainer.policy), "old"))
     tensors["world"] = torch.tensor([trainer.world])
     tensors["nfe"] = torch.tensor([trainer.ledger.nfe["rollout"], trainer.ledger.nfe["train"]])
     save_file(tensors, str(out / f"rank{trainer.rank}.safetensors"))

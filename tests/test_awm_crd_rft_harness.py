@@ -1,9 +1,11 @@
 """The AWM, CRD and RFT plugins through the real harness on the tiny model: short runs, identities, invariances,
 snapshots, per-snapshot guidance and config-time checks. (Their pure losses are tested in test_awm_crd.py.)"""
+import dataclasses
+
 import pytest
 import torch
 
-from diffrl_bench.advantages import group_advantages
+from diffrl_bench.advantages import group_advantages, group_mean_centered
 from diffrl_bench.algorithms.crd import crd_loss
 from diffrl_bench.algorithms.rft import best_of_group
 from diffrl_bench.config import ConfigError, load_config
@@ -248,16 +250,45 @@ def test_rft_trains_only_the_best_samples_and_rejects_keeping_everything(tiny_ru
     trainer.reward.close()
 
 
-def test_group_statistics_refuse_a_partial_prompt_group(tiny_run, tmp_path):
-    """Under multi-process training a process may hold part of a prompt group; a group mean or a group's best sample
-    of that part would be wrong, so elbo_pg (centered advantage) and rft stop with a message instead."""
-    for config, who in (("toy_rft", "rft's best-of-group selection"), ("toy_elbo_pg", "elbo_pg's centered advantage")):
-        cfg = load_config(config, overrides(tiny_run, out=tmp_path / config))
-        trainer = Trainer(cfg, progress=False)
+def _as_process(batch, lo, hi):
+    """The view a process holding images [lo, hi) of the step gets: its slice, plus the whole step's scores."""
+    return dataclasses.replace(
+        batch, x0=batch.x0[lo:hi], cond=batch.cond[lo:hi], prompts=batch.prompts[lo:hi],
+        metadata=batch.metadata[lo:hi], group_ids=batch.group_ids[lo:hi], rewards=batch.rewards[lo:hi],
+        advantages=batch.advantages[lo:hi], reward_components={k: v[lo:hi] for k, v in batch.reward_components.items()},
+        step_scores={"reward": batch.rewards}, step_group_ids=batch.group_ids, step_offset=lo)
+
+
+def _kept(items, offset=0):
+    return [int(i) + offset for item in items if not item.placeholder for i in item.index.unique()]
+
+
+def test_group_statistics_of_a_prompt_group_split_between_processes_equal_one_process(tiny_run, tmp_path):
+    """Under multi-process training a process may hold part of a prompt group (here 2 prompts x 4 images cut 6 | 2):
+    elbo_pg's centered advantage and rft's best-of-group selection are computed over the whole step, so each
+    process gets exactly its slice of what one process holding every image computes."""
+    for config, extra in (("toy_rft", ("algo.min_reward=null", "algo.skip_flat_groups=false")),
+                          ("toy_elbo_pg", ("algo.advantage=centered_0.1",))):
+        trainer = Trainer(load_config(config, overrides(tiny_run, *extra, out=tmp_path / config)), progress=False)
         batch = trainer.collect()
-        batch.group_ids = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1])
-        with pytest.raises(ValueError, match=f"{who} needs all 4 images of each prompt on one process"):
-            trainer.algo.training_items(batch, torch.arange(8), 4, trainer.generators["train"])
+        assert batch.group_ids.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+        # Prompt 1's best image is its first, which lives on the first process.
+        batch.rewards = torch.tensor([0.1, 0.4, 0.2, 0.3, 0.9, 0.5, 0.7, 0.6], dtype=F64)
+        batch.step_scores = {"reward": batch.rewards}
+        first, second = _as_process(batch, 0, 6), _as_process(batch, 6, 8)
+        if config == "toy_elbo_pg":
+            whole = trainer.algo.advantages(batch)
+            assert torch.equal(torch.cat([trainer.algo.advantages(first), trainer.algo.advantages(second)]), whole)
+            assert whole[6:].tolist() == pytest.approx([0.1 * (0.7 - 0.675), 0.1 * (0.6 - 0.675)])
+            # Centred on its own part (mean 0.65) instead, the second process would get other advantages.
+            local = group_mean_centered(second.rewards, second.group_ids, trainer.algo.advantage_scale)
+            assert not torch.allclose(local, whole[6:])
+        else:
+            g = trainer.generators["train"]
+            assert _kept(trainer.algo.training_items(batch, torch.arange(8), 4, g)) == [1, 4]
+            assert _kept(trainer.algo.training_items(first, torch.arange(6), 4, g)) == [1, 4]
+            # The second process keeps nothing (its images 6 and 7 are not prompt 1's best): a placeholder item.
+            assert _kept(trainer.algo.training_items(second, torch.arange(2), 4, g), offset=6) == []
         trainer.reward.close()
 
 

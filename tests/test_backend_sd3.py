@@ -249,7 +249,7 @@ def test_trainer_runs_nft_on_the_sd3_backend_and_resumes(tiny_sd3, tmp_path):
     from diffrl_bench.train import Trainer
 
     out = tmp_path / "run"
-    overrides = [f"model.backend=sd3", f"model.path={tiny_sd3}", f"output_dir={out}", "train.threads=1",
+    overrides = ["model.backend=sd3", f"model.path={tiny_sd3}", f"output_dir={out}", "train.threads=1",
                  "rollout.prompts_per_step=2", "rollout.images_per_prompt=4", "rollout.chunk_size=4",
                  "rollout.sampler.num_steps=3", "rollout.sampler.shift=3.0", "eval.sampler.num_steps=2",
                  "eval.images_per_prompt=1", "eval.every=-1", "train.micro_batch_size=4", "algo.num_train_times=2",

@@ -33,12 +33,12 @@ def _overrides(tiny_run, out):
                     "train.micro_batch_size=3", "optim.lr=1e-2", out=out)
 
 
-def _launch(tmp_path, launcher_args, overrides):
+def _launch(tmp_path, launcher_args, overrides, config="toy_nft", timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), str(WORKER), str(tmp_path), "toy_nft", *overrides]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+               "--main_process_port", str(_free_port()), str(WORKER), str(tmp_path), config, *overrides]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
 
@@ -123,3 +123,14 @@ def test_lora_snapshots_train_and_update_under_sharded_zero3(tiny_sd3, tmp_path)
     assert params and all(ranks[0][k].numel() > 0 for k in params)
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0] if k.startswith(("param", "old")))
     assert _old_lag(ranks[0]) < 0.01
+
+
+def test_rft_keeps_processes_in_step_when_their_shares_differ(tiny_run, tmp_path):
+    """3 prompts x 4 images on 2 processes: one holds 1.5 prompt groups of the other's, so their kept samples, and
+    with them their training items, differ in number. Under sharded ZeRO-3 every forward and backward is a
+    collective; the busier process's extra items are matched by zero-weight repeats instead of deadlocking."""
+    overrides = _overrides(tiny_run, tmp_path / "run") + ["algo.min_reward=null"]
+    ranks = _launch(tmp_path, _launcher_args("zero3_partitioned", tmp_path), overrides, config="toy_rft", timeout=300)
+    params = sorted(k for k in ranks[0] if k.startswith("param"))
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in params)
+    assert any(not torch.equal(ranks[0][k], ranks[0][k.replace("param", "init")]) for k in params)

@@ -16,7 +16,6 @@ from diffrl_bench.toy.domain import (
     IMAGE_SIZE,
     MAX_OBJECTS,
     OBJECT_SIZES,
-    SHAPES,
     PromptSpec,
     SceneObject,
     all_prompts,

@@ -90,6 +90,37 @@ def test_gradient_is_invariant_to_the_micro_batch_size(tiny_run, tmp_path, algor
     torch.testing.assert_close(grads[1], grads[8], rtol=1e-4, atol=1e-7)
 
 
+def test_an_unequal_share_is_weighted_by_the_whole_steps_count_and_padded_to_the_busiest_process(tiny_run, tmp_path,
+                                                                                                 monkeypatch):
+    """Multi-process, simulated on one process: `gather` reports a second process with 3x the samples (48, not 16)
+    and 7 items (not 4). The gradient is then the step's mean over all 64 samples, which DDP forms by averaging two
+    processes: this process's contribution is its 16/64 of the mean times the world size 2, i.e. half its own
+    mean's gradient; and it runs 3 extra items of weight 0, so both run 7 forward and backward passes."""
+    cfg = load_config("toy_nft", tiny_run("eval.every=-1", "train.micro_batch_size=4", out=tmp_path / "share"))
+    trainer = Trainer(cfg, progress=False)
+    batch = trainer.collect()
+    start = trainer.generators["train"].get_state()
+
+    def gradient():
+        trainer.generators["train"].set_state(start)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        metrics = trainer.accumulate_gradients(batch, torch.arange(8))
+        return torch.cat([p.grad.flatten() for p in trainer.policy.trainable_parameters()]), metrics
+
+    alone, alone_metrics = gradient()
+    calls = []
+    velocity = trainer.policy.velocity
+    monkeypatch.setattr(trainer.policy, "velocity", lambda *a, **k: calls.append(k["snapshot"]) or velocity(*a, **k))
+    monkeypatch.setattr(trainer, "world", 2)
+    monkeypatch.setattr(trainer, "gather", lambda values: torch.cat([values, torch.tensor([[48, 7]])]))
+    shared, shared_metrics = gradient()
+    assert alone.abs().max() > 0
+    torch.testing.assert_close(shared, 0.5 * alone, rtol=1e-5, atol=1e-8)
+    assert calls.count("theta") == 7 and len(calls) == 7 * len(trainer.algo._needs)
+    assert shared_metrics == alone_metrics  # logged metrics stay this process's own means
+    trainer.reward.close()
+
+
 def test_sampling_snapshot_starts_equal_to_theta_and_lags_after_updates(tiny_run, tmp_path):
     cfg = load_config("toy_nft", tiny_run("eval.every=-1", "optim.lr=1e-2", "algo.old_decay=crd_old",
                                           out=tmp_path / "lag"))
