@@ -281,8 +281,6 @@ class Trainer:
             counts = self.gather(torch.tensor([[total, real]]))
             step_total, most = int(counts[:, 0].sum()), int(counts[:, 1].max())
             items += [items[-1]] * (most - real)
-        # DDP and DeepSpeed average the processes' gradients: scaling by world size makes it the step's mean.
-        scale = self.world / step_total if step_total > 0 else 0.0
         sums: Dict[str, float] = {}
         for k, item in enumerate(items):
             cond = index_condition(batch.cond, item.index)
@@ -292,7 +290,8 @@ class Trainer:
                               for s in item.snapshots}
             loss, metrics = self.algo.loss(item, velocities)
             counted = k < real and not item.placeholder
-            weight = len(item.index) * scale if counted else 0.0
+            # DDP and DeepSpeed average the processes' gradients: the world factor makes that the step's mean.
+            weight = len(item.index) * self.world / step_total if counted else 0.0
             # Under DDP only the last backward of the step all-reduces; DeepSpeed steps at that boundary.
             last = k == len(items) - 1
             if self.deepspeed:
