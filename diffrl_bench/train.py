@@ -274,13 +274,21 @@ class Trainer:
         """
         items = list(self.algo.training_items(batch, indices, self.cfg.train.micro_batch_size,
                                               self.generators["train"]))
+        shape = {(item.snapshots, item.cfg_scale, tuple(sorted(item.snapshot_cfg.items()))) for item in items}
+        if len(shape) != 1:
+            raise RuntimeError(f"algorithm {self.cfg.algorithm!r} returned {len(items)} training items that do not all "
+                               f"evaluate the same snapshots with the same guidance ({sorted(map(str, shape))}); "
+                               f"the harness counts and pads them as alike (diffrl_bench/algorithm.py)")
         real = len(items)
         total = sum(len(item.index) for item in items if not item.placeholder)
+        passed = sum(len(item.index) for item in items)  # samples through the model, placeholders included
         step_total, most = total, real
         if self.world > 1:
-            counts = self.gather(torch.tensor([[total, real]]))
+            counts = self.gather(torch.tensor([[total, real, passed, len(items[-1].index)]]))
             step_total, most = int(counts[:, 0].sum()), int(counts[:, 1].max())
             items += [items[-1]] * (most - real)
+            # The ledger is the main process's: it is charged every process's passes, repeats included.
+            passed = int((counts[:, 2] + (most - counts[:, 1]) * counts[:, 3]).sum())
         sums: Dict[str, float] = {}
         for k, item in enumerate(items):
             cond = index_condition(batch.cond, item.index)
@@ -304,10 +312,10 @@ class Trainer:
                 share = len(item.index) / total if counted else float(total == 0)
                 for key, value in metrics.items():
                     sums[key] = _reduce_metric(key, sums.get(key), value, share)
-            calls = sum(calls_per_velocity(item.snapshot_cfg.get(s, item.cfg_scale)) for s in item.snapshots)
-            # The ledger is the main process's: it counts its own calls once per process (the shares are equal
-            # for every algorithm but rft and CRD, where this is an estimate).
-            self.ledger.add_nfe("train", len(item.index) * calls * self.world)
+        # Every item evaluates the same snapshots with the same guidance (the protocol), so one count serves all.
+        item = items[0]
+        calls = sum(calls_per_velocity(item.snapshot_cfg.get(s, item.cfg_scale)) for s in item.snapshots)
+        self.ledger.add_nfe("train", passed * calls)
         return sums
 
     def optimize(self, batch: RolloutBatch) -> Dict[str, float]:

@@ -1,4 +1,5 @@
 """End-to-end runs of the harness on a tiny random toy model (seconds each)."""
+import dataclasses
 import json
 
 import pandas as pd
@@ -112,12 +113,30 @@ def test_an_unequal_share_is_weighted_by_the_whole_steps_count_and_padded_to_the
     velocity = trainer.policy.velocity
     monkeypatch.setattr(trainer.policy, "velocity", lambda *a, **k: calls.append(k["snapshot"]) or velocity(*a, **k))
     monkeypatch.setattr(trainer, "world", 2)
-    monkeypatch.setattr(trainer, "gather", lambda values: torch.cat([values, torch.tensor([[48, 7]])]))
+    # The other process: 48 samples in 7 items, the last of 6.
+    monkeypatch.setattr(trainer, "gather", lambda values: torch.cat([values, torch.tensor([[48, 7, 48, 6]])]))
+    nfe = trainer.ledger.nfe["train"]
     shared, shared_metrics = gradient()
     assert alone.abs().max() > 0
     torch.testing.assert_close(shared, 0.5 * alone, rtol=1e-5, atol=1e-8)
     assert calls.count("theta") == 7 and len(calls) == 7 * len(trainer.algo._needs)
+    # The ledger is charged both processes' passes: 16 + 3 repeats of this one's last item (4) + the other's 48,
+    # each through theta, old and ref.
+    assert trainer.ledger.nfe["train"] - nfe == (16 + 3 * 4 + 48) * 3
     assert shared_metrics == alone_metrics  # logged metrics stay this process's own means
+    trainer.reward.close()
+
+
+def test_items_that_evaluate_different_snapshots_in_one_call_are_refused(tiny_run, tmp_path, monkeypatch):
+    """The harness counts NFEs and pads processes as if every item of a call were alike; an algorithm breaking
+    that is stopped with its name, not silently miscounted."""
+    trainer = Trainer(load_config("toy_nft", tiny_run("eval.every=-1", out=tmp_path / "alike")), progress=False)
+    batch = trainer.collect()
+    produce = trainer.algo.training_items
+    monkeypatch.setattr(trainer.algo, "training_items", lambda *a: [
+        *produce(*a)[:1], dataclasses.replace(produce(*a)[-1], snapshots=("theta",))])
+    with pytest.raises(RuntimeError, match="algorithm 'nft' returned 2 training items that do not all evaluate"):
+        trainer.accumulate_gradients(batch, torch.arange(8))
     trainer.reward.close()
 
 
