@@ -75,6 +75,14 @@ def save_checkpoint(directory: Path, step: int, *, model: torch.nn.Module, optim
     return final
 
 
+def load_model_weights(path: Path, model: torch.nn.Module) -> None:
+    """Only the trained weights of a checkpoint (theta: the whole network, or its LoRA adapter), for evaluation."""
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"{path} is not a checkpoint: it has no model.safetensors")
+    model.load_state_dict(load_file(str(weights)))
+
+
 def latest_checkpoint(directory: Path) -> Optional[Path]:
     found = sorted(p for p in directory.glob(f"{PREFIX}*") if (p / "state.json").exists())
     return found[-1] if found else None

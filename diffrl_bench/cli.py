@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 log = logging.getLogger("diffrl_bench")
@@ -59,19 +60,51 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def _run_checkpoint(run_dir: Path, which: Optional[str]) -> Path:
+    """The checkpoint of a run directory to evaluate: the newest, or `which` (a step number or a path)."""
+    from diffrl_bench.checkpoint import PREFIX, latest_checkpoint
+
+    if which is None:
+        found = latest_checkpoint(run_dir / "checkpoints")
+        if found is None:
+            raise SystemExit(f"run directory {run_dir} has no checkpoint to evaluate (was checkpoint.every 0?); "
+                             f"its trained weights were not saved")
+        return found
+    path = Path(which) if not which.isdigit() else run_dir / "checkpoints" / f"{PREFIX}{int(which):07d}"
+    if not (path / "state.json").exists():
+        raise SystemExit(f"--checkpoint {which!r}: {path} is not a finished checkpoint")
+    return path
+
+
 def cmd_eval(args) -> int:
     import json
 
+    import torch
+
+    from diffrl_bench.checkpoint import load_model_weights
     from diffrl_bench.config import load_config
     from diffrl_bench.evaluate import build_eval_rewards, evaluate
     from diffrl_bench.prompts import load_prompts
     from diffrl_bench.models import build_policy
 
-    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.config)
+    is_run = run_dir.is_dir() and (run_dir / "config.yaml").exists()
+    if args.checkpoint is not None and not is_run:
+        raise SystemExit(f"--checkpoint needs a run directory (one holding config.yaml), not {args.config!r}")
+    cfg = load_config(str(run_dir / "config.yaml") if is_run else args.config, args.overrides)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
     policy = build_policy(cfg.model)
+    if is_run:
+        checkpoint = _run_checkpoint(run_dir, args.checkpoint)
+        load_model_weights(checkpoint, policy.core)
+        log.info("evaluating the trained weights of %s", checkpoint)
     metrics, _, _ = evaluate(policy, load_prompts(cfg.data.eval_prompts, "data.eval_prompts"), cfg.eval,
                              build_eval_rewards(cfg), progress=True)
-    print(json.dumps(metrics, indent=2))
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
     return 0
 
 
@@ -94,9 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", action="append", help="only cases of this kind (repeatable)")
     p.set_defaults(func=cmd_parity)
 
-    p = sub.add_parser("eval", help="evaluate a model (config's model.path) on the held-out prompts")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("eval", help="evaluate a model on the held-out prompts: a config's model.path, or a run "
+                                    "directory's trained weights (its newest checkpoint)")
+    p.add_argument("config", help="a run directory (holding config.yaml and checkpoints/), a YAML file, or the name "
+                                  "of a shipped config")
+    p.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. eval.images_per_prompt=64")
+    p.add_argument("--checkpoint", default=None, help="with a run directory: a step number or a checkpoint path "
+                                                      "instead of the newest")
+    p.add_argument("--json", default="", help="also write the metrics to this file")
     p.set_defaults(func=cmd_eval)
 
     from diffrl_bench import report, sweep

@@ -45,3 +45,35 @@ def test_overrides_may_follow_options_and_bad_ones_still_stop_the_run(tmp_path, 
     # The override after --no-progress is applied (and is rejected here because the key is unknown).
     assert main(["train", "toy_nft", "--no-progress", f"output_dir={out}", "train.nonsense=1"]) == 2
     assert "train.nonsense" in caplog.text and not out.exists()
+
+
+def test_eval_of_a_run_directory_scores_its_trained_weights_as_the_run_did(tiny_run, tmp_path, capsys):
+    """`eval RUN_DIR` loads the run's config and its newest checkpoint's weights: with the fixed eval noise it
+    reproduces the run's own final evaluation exactly, and an earlier checkpoint its evaluation there."""
+    import json
+
+    run = tmp_path / "run"
+    overrides = tiny_run("train.steps=2", "eval.every=1", "checkpoint.every=1", "optim.lr=1e-2", out=run)
+    assert main(["train", "toy_nft", "--no-progress", *overrides]) == 0
+    evals = {row["step"]: {k: v for k, v in row.items() if k.startswith("eval/")}
+             for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval/images" in row}
+    assert sorted(evals) == [0, 1, 2]
+    assert evals[2]["eval/toy_naturalness"] != evals[0]["eval/toy_naturalness"]  # training changed the images
+    capsys.readouterr()
+    for extra, step in (([], 2), (["--checkpoint", "1"], 1)):
+        assert main(["eval", str(run), *extra, "--json", str(tmp_path / f"eval{step}.json")]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed == json.loads((tmp_path / f"eval{step}.json").read_text())
+        assert printed == evals[step]
+
+
+def test_eval_of_a_run_directory_without_checkpoints_says_so(tiny_run, tmp_path):
+    import pytest
+
+    run = tmp_path / "run"
+    assert main(["train", "toy_nft", "--no-progress",
+                 *tiny_run("train.steps=1", "eval.every=-1", "checkpoint.every=0", out=run)]) == 0
+    with pytest.raises(SystemExit, match="has no checkpoint to evaluate"):
+        main(["eval", str(run)])
+    with pytest.raises(SystemExit, match="--checkpoint '7'.*is not a finished checkpoint"):
+        main(["eval", str(run), "--checkpoint", "7"])
