@@ -1,4 +1,4 @@
-"""`diffrl-bench`: train, list, parity, eval and pretrain-toy."""
+"""`diffrl-bench`: train, list, parity, eval, export, sweep, report and pretrain-toy."""
 from __future__ import annotations
 
 import argparse
@@ -108,6 +108,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import json
+
+    from diffrl_bench.checkpoint import load_model_weights
+    from diffrl_bench.config import load_config
+    from diffrl_bench.models import build_policy
+
+    run_dir, out = Path(args.run), Path(args.out)
+    if not (run_dir / "config.yaml").exists():
+        raise SystemExit(f"{run_dir} is not a run directory (it has no config.yaml)")
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"--out {out} exists and is not empty; choose a new directory (nothing was written)")
+    checkpoint = _run_checkpoint(run_dir, args.checkpoint)
+    cfg = load_config(str(run_dir / "config.yaml"))
+    policy = build_policy(cfg.model)
+    if not hasattr(policy, "export"):
+        raise SystemExit(f"model backend {cfg.model.backend!r} has no export")
+    load_model_weights(checkpoint, policy.core)
+    policy.export(out)
+    step = json.loads((checkpoint / "state.json").read_text())["step"]
+    provenance = {"run": str(run_dir.resolve()), "checkpoint": str(checkpoint.resolve()), "step": step,
+                  "backend": cfg.model.backend, "base": cfg.model.path}
+    (out / "exported_from.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    print(f"exported step {step} of {run_dir} to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffrl-bench", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -136,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "instead of the newest")
     p.add_argument("--json", default="", help="also write the metrics to this file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a run's trained weights in the model's own format (toy: a model "
+                                      "directory for model.path; SD3/FLUX: diffusers LoRA weights or transformer)")
+    p.add_argument("run", help="run directory (holding config.yaml and checkpoints/)")
+    p.add_argument("--out", required=True, help="a new (or empty) directory")
+    p.add_argument("--checkpoint", default=None, help="a step number or a checkpoint path instead of the newest")
+    p.set_defaults(func=cmd_export)
 
     from diffrl_bench import report, sweep
 

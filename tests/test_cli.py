@@ -77,3 +77,43 @@ def test_eval_of_a_run_directory_without_checkpoints_says_so(tiny_run, tmp_path)
         main(["eval", str(run)])
     with pytest.raises(SystemExit, match="--checkpoint '7'.*is not a finished checkpoint"):
         main(["eval", str(run), "--checkpoint", "7"])
+
+
+def test_export_writes_a_model_that_scores_as_the_run_did_and_never_overwrites(tiny_run, tmp_path, capsys):
+    import json
+
+    import pytest
+
+    run, out = tmp_path / "run", tmp_path / "exported"
+    assert main(["train", "toy_nft", "--no-progress",
+                 *tiny_run("train.steps=1", "eval.every=-1", "checkpoint.every=1", "optim.lr=1e-2", out=run)]) == 0
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert json.loads((out / "exported_from.json").read_text())["step"] == 1
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    # The exported directory is a model path like the base's: the run's config pointed at it scores the same.
+    assert main(["eval", str(run / "config.yaml"), f"model.path={out}"]) == 0
+    assert json.loads(capsys.readouterr().out) == from_run
+    assert main(["eval", str(run / "config.yaml")]) == 0  # the base, for contrast
+    assert json.loads(capsys.readouterr().out) != from_run
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit, match="exists and is not empty"):
+        main(["export", str(run), "--out", str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_export_of_an_sd3_lora_run_writes_diffusers_lora_weights(tiny_sd3, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "lora"
+    assert main(["train", "toy_nft", "--no-progress", "model.backend=sd3", f"model.path={tiny_sd3}",
+                 f"output_dir={run}", "train.threads=1", "train.steps=1", "eval.every=-1", "checkpoint.every=1",
+                 "rollout.prompts_per_step=2", "rollout.images_per_prompt=2", "rollout.chunk_size=4",
+                 "rollout.sampler.num_steps=2", "train.micro_batch_size=4", "algo.num_train_times=2",
+                 "reward.components.test_brightness=1.0"]) == 0
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    # peft starts every B at zero: a trained theta, not a fresh adapter, was exported.
+    up = [v for k, v in weights.items() if "lora_B" in k]
+    assert up and any(bool(v.abs().max() > 0) for v in up)

@@ -384,6 +384,11 @@ class DiffusersFlowPolicy(SnapshotPolicy):
         return torch.cat(latents)
 
     # ---------------------------------------------------------------------------------------------- export
+    def export(self, path: str | Path) -> Path:
+        """theta in the form the plain pipeline takes: LoRA weights (`load_lora_weights`), or under full
+        fine-tuning the transformer (`save_pretrained`, the pipeline's `transformer` subfolder)."""
+        return self.save_lora(path) if self.lora is not None else self.save_transformer(path)
+
     def save_lora(self, path: str | Path) -> Path:
         """theta's adapter as diffusers LoRA weights: `<Pipeline>.load_lora_weights(path)` applies it."""
         if self.lora is None:

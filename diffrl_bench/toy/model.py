@@ -141,3 +141,8 @@ class ToyBackend(SnapshotPolicy):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return images * 2.0 - 1.0
+
+    def export(self, path: str | Path) -> Path:
+        """theta as a toy model directory, loadable with `model.path=<path>`."""
+        save_toy_model(self.core, path)
+        return Path(path)
