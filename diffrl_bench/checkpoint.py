@@ -83,6 +83,12 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     model.load_state_dict(load_file(str(weights)))
 
 
+def load_snapshot_weights(path: Path) -> Dict[str, torch.Tensor]:
+    """A checkpoint's snapshot tensors (`name/param` keys), empty when it has none."""
+    weights = path / "snapshots.safetensors"
+    return load_file(str(weights)) if weights.exists() else {}
+
+
 def latest_checkpoint(directory: Path) -> Optional[Path]:
     found = sorted(p for p in directory.glob(f"{PREFIX}*") if (p / "state.json").exists())
     return found[-1] if found else None
@@ -116,5 +122,4 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
-    snapshots = load_file(str(path / "snapshots.safetensors")) if (path / "snapshots.safetensors").exists() else {}
-    return state["trainer"], snapshots
+    return state["trainer"], load_snapshot_weights(path)

@@ -76,14 +76,28 @@ def _run_checkpoint(run_dir: Path, which: Optional[str]) -> Path:
     return path
 
 
+def _load_trained(policy, cfg, checkpoint: Path) -> None:
+    """theta's weights from the checkpoint, and the evaluation EMA when the run kept one (what it evaluated)."""
+    from diffrl_bench.checkpoint import load_model_weights, load_snapshot_weights
+    from diffrl_bench.evaluate import EVAL_EMA
+
+    load_model_weights(checkpoint, policy.core)
+    if cfg.eval.ema_decay > 0:
+        snapshots = load_snapshot_weights(checkpoint)
+        if not any(key.startswith(f"{EVAL_EMA}/") for key in snapshots):
+            raise SystemExit(f"{checkpoint} holds no {EVAL_EMA} snapshot although the run's eval.ema_decay is "
+                             f"{cfg.eval.ema_decay}; evaluate theta with eval.ema_decay=0")
+        policy.add_snapshot(EVAL_EMA)
+        policy.load_snapshot_state_dict(snapshots)
+
+
 def cmd_eval(args) -> int:
     import json
 
     import torch
 
-    from diffrl_bench.checkpoint import load_model_weights
     from diffrl_bench.config import load_config
-    from diffrl_bench.evaluate import build_eval_rewards, evaluate
+    from diffrl_bench.evaluate import build_eval_rewards, eval_snapshot, evaluate
     from diffrl_bench.prompts import load_prompts
     from diffrl_bench.models import build_policy
 
@@ -95,12 +109,14 @@ def cmd_eval(args) -> int:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     policy = build_policy(cfg.model)
+    snapshot = "theta"  # a model path is evaluated as it is
     if is_run:
         checkpoint = _run_checkpoint(run_dir, args.checkpoint)
-        load_model_weights(checkpoint, policy.core)
-        log.info("evaluating the trained weights of %s", checkpoint)
+        _load_trained(policy, cfg, checkpoint)
+        snapshot = eval_snapshot(cfg.eval)
+        log.info("evaluating %s of %s", "the evaluation EMA" if snapshot != "theta" else "theta", checkpoint)
     metrics, _, _ = evaluate(policy, load_prompts(cfg.data.eval_prompts, "data.eval_prompts"), cfg.eval,
-                             build_eval_rewards(cfg), progress=True)
+                             build_eval_rewards(cfg), snapshot=snapshot, progress=True)
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.json:
@@ -111,7 +127,6 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     import json
 
-    from diffrl_bench.checkpoint import load_model_weights
     from diffrl_bench.config import load_config
     from diffrl_bench.models import build_policy
 
@@ -125,11 +140,16 @@ def cmd_export(args) -> int:
     policy = build_policy(cfg.model)
     if not hasattr(policy, "export"):
         raise SystemExit(f"model backend {cfg.model.backend!r} has no export")
-    load_model_weights(checkpoint, policy.core)
+    _load_trained(policy, cfg, checkpoint)
+    if cfg.eval.ema_decay > 0:  # the weights the run evaluated
+        from diffrl_bench.evaluate import EVAL_EMA
+
+        policy.copy_snapshot_to_theta(EVAL_EMA)
     policy.export(out)
     step = json.loads((checkpoint / "state.json").read_text())["step"]
     provenance = {"run": str(run_dir.resolve()), "checkpoint": str(checkpoint.resolve()), "step": step,
-                  "backend": cfg.model.backend, "base": cfg.model.path}
+                  "weights": "eval_ema" if cfg.eval.ema_decay > 0 else "theta", "backend": cfg.model.backend,
+                  "base": cfg.model.path}
     (out / "exported_from.json").write_text(json.dumps(provenance, indent=2) + "\n")
     print(f"exported step {step} of {run_dir} to {out}")
     return 0

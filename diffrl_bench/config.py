@@ -144,6 +144,12 @@ class EvalConfig:
     """held-out prompts shown in the image grids (4 images each)"""
     seed: int = 1234
     """seeds the evaluation noise, identical for every run"""
+    ema_decay: float = 0.0
+    """when > 0, evaluate (and export) an exponential moving average of theta's weights instead of theta, as the
+    originals do (Flow-GRPO: 0.9): the `eval_ema` snapshot, moved towards theta with decay
+    `min(ema_decay, (1 + n) / (10 + n))` after every `ema_every`-th optimizer step n"""
+    ema_every: int = 1
+    """optimizer steps between updates of the evaluation EMA (Flow-GRPO: 8)"""
 
 
 @dataclass
@@ -243,6 +249,8 @@ def validate(cfg: DictConfig) -> None:
         need(name in cfg.reward.components, f"reward.options.{name}", "options given for a reward that is not a component")
     for name in cfg.eval.rewards:
         need(name in REWARDS, "eval.rewards", f"unknown reward {name!r}; known: {REWARDS.names()}")
+    need(0 <= cfg.eval.ema_decay < 1, "eval.ema_decay", f"{cfg.eval.ema_decay} is not in [0, 1) (0: evaluate theta)")
+    need(cfg.eval.ema_every >= 1, "eval.ema_every", "must be at least 1")
     need(cfg.reward.server_devices >= 0, "reward.server_devices", "must be non-negative")
     need(cfg.reward.worker in ("thread", "inline"), "reward.worker", f"{cfg.reward.worker!r} is not 'thread' or 'inline'")
     need(cfg.advantage.std in ("global", "group"), "advantage.std", f"{cfg.advantage.std!r} is not 'global' or 'group'")

@@ -56,15 +56,24 @@ def eval_noise(num: int, latent_shape, seed: int) -> torch.Tensor:
     return torch.randn((num, *latent_shape), generator=generator)
 
 
-def evaluate(policy, prompts: List[Prompt], eval_cfg, rewards: Dict[str, object], *,
+EVAL_EMA = "eval_ema"
+"""the snapshot evaluated when `eval.ema_decay > 0`: an exponential moving average of theta's weights"""
+
+
+def eval_snapshot(eval_cfg) -> str:
+    """Which snapshot the evaluation samples with: `eval_ema` when the run keeps one, else theta."""
+    return EVAL_EMA if eval_cfg.ema_decay > 0 else "theta"
+
+
+def evaluate(policy, prompts: List[Prompt], eval_cfg, rewards: Dict[str, object], *, snapshot: str = "theta",
              progress: bool = False) -> Tuple[Dict[str, float], torch.Tensor, int]:
-    """Returns (metrics under `eval/`, images ordered prompt-major, NFEs used)."""
+    """Returns (metrics under `eval/`, images ordered prompt-major, NFEs used), sampled with `snapshot`."""
     k = eval_cfg.images_per_prompt
     texts = [p.text for p in prompts for _ in range(k)]
     metadata = [p.metadata for p in prompts for _ in range(k)]
     noise = eval_noise(len(texts), policy.latent_shape, eval_cfg.seed)
-    images, nfe = generate(policy, texts, noise, eval_cfg.sampler, batch_size=eval_cfg.batch_size, progress=progress,
-                           seed=eval_cfg.seed + 1)
+    images, nfe = generate(policy, texts, noise, eval_cfg.sampler, snapshot=snapshot,
+                           batch_size=eval_cfg.batch_size, progress=progress, seed=eval_cfg.seed + 1)
     scores: Dict[str, torch.Tensor] = {}
     for name, reward in rewards.items():
         scores.update(call_reward(name, reward, images, texts, metadata))

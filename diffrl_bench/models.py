@@ -119,6 +119,11 @@ class SnapshotPolicy:
             with full_parameters([theta]):
                 soft_update_([phi], [theta], decay)
 
+    @torch.no_grad()
+    def copy_snapshot_to_theta(self, name: str) -> None:
+        """theta <- the snapshot's weights (e.g. to export the evaluation EMA); single-process use."""
+        soft_update_(self.core.parameters(), self.snapshots[name].parameters(), 0.0)
+
     def _network(self, snapshot: str) -> nn.Module:
         if snapshot == THETA:
             return self.module

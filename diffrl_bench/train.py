@@ -22,7 +22,7 @@ from diffrl_bench.advantages import group_advantages, zero_variance_mask
 from diffrl_bench.algorithm import RolloutBatch
 from diffrl_bench.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffrl_bench.config import algo_config, save_config
-from diffrl_bench.evaluate import build_eval_rewards, evaluate
+from diffrl_bench.evaluate import EVAL_EMA, build_eval_rewards, eval_snapshot, evaluate
 from diffrl_bench.ledger import CostLedger
 from diffrl_bench.models import THETA, build_policy, calls_per_velocity, index_condition
 from diffrl_bench.plots import plot_reward_vs_cost, save_image_grid
@@ -31,6 +31,7 @@ from diffrl_bench.registry import ALGORITHMS, SAMPLERS
 from diffrl_bench.reward_harness import WeightedReward
 from diffrl_bench.runlog import MetricsLog, run_info
 from diffrl_bench.sampling import Transitions, flow_sigmas
+from diffrl_bench.schedules import eval_ema_decay
 
 log = logging.getLogger("diffrl_bench")
 
@@ -95,8 +96,13 @@ class Trainer:
         with self._models_load_whole():
             self.policy = build_policy(cfg.model, device)
         self.algo = ALGORITHMS.get(cfg.algorithm)(algo_config(cfg), cfg)
+        if EVAL_EMA in self.algo.snapshots:
+            raise ValueError(f"algorithm {cfg.algorithm!r} declares a snapshot named {EVAL_EMA!r}, which the "
+                             f"harness keeps for eval.ema_decay")
         for name in self.algo.snapshots:
             self.policy.add_snapshot(name)
+        if cfg.eval.ema_decay > 0:
+            self.policy.add_snapshot(EVAL_EMA)
         if self.algo.rollout.snapshot != THETA and self.algo.rollout.snapshot not in self.algo.snapshots:
             raise ValueError(f"algorithm {cfg.algorithm!r} samples with snapshot {self.algo.rollout.snapshot!r} "
                              f"but declares only {list(self.algo.snapshots)}")
@@ -336,6 +342,9 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer_steps += 1
+            e = self.cfg.eval
+            if e.ema_decay > 0 and self.optimizer_steps % e.ema_every == 0:
+                self.policy.update_snapshot(EVAL_EMA, eval_ema_decay(e.ema_decay, self.optimizer_steps))
         decays = {}
         for name, schedule in self.algo.snapshots.items():
             if schedule is not None:
@@ -370,7 +379,7 @@ class Trainer:
     def run_eval(self, tag: str) -> Dict[str, float]:
         with self.ledger.phase("eval"):
             metrics, images, nfe = evaluate(self.policy, self.eval_prompts, self.cfg.eval, self.eval_rewards,
-                                            progress=self.progress)
+                                            snapshot=eval_snapshot(self.cfg.eval), progress=self.progress)
         self.ledger.add_nfe("eval", nfe)
         n = min(self.cfg.eval.grid_prompts, len(self.eval_prompts))
         k = self.cfg.eval.images_per_prompt

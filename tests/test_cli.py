@@ -103,17 +103,43 @@ def test_export_writes_a_model_that_scores_as_the_run_did_and_never_overwrites(t
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_export_of_an_sd3_lora_run_writes_diffusers_lora_weights(tiny_sd3, tmp_path):
+def test_export_of_an_sd3_lora_run_writes_its_evaluation_ema_as_diffusers_lora_weights(tiny_sd3, tmp_path):
     run, out = tmp_path / "run", tmp_path / "lora"
     assert main(["train", "toy_nft", "--no-progress", "model.backend=sd3", f"model.path={tiny_sd3}",
                  f"output_dir={run}", "train.threads=1", "train.steps=1", "eval.every=-1", "checkpoint.every=1",
                  "rollout.prompts_per_step=2", "rollout.images_per_prompt=2", "rollout.chunk_size=4",
                  "rollout.sampler.num_steps=2", "train.micro_batch_size=4", "algo.num_train_times=2",
-                 "reward.components.test_brightness=1.0"]) == 0
+                 "reward.components.test_brightness=1.0", "eval.ema_decay=0.9"]) == 0
     assert main(["export", str(run), "--out", str(out)]) == 0
+    import json
+
+    assert json.loads((out / "exported_from.json").read_text())["weights"] == "eval_ema"  # an extra LoRA adapter
     from safetensors.torch import load_file
 
     weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
     # peft starts every B at zero: a trained theta, not a fresh adapter, was exported.
     up = [v for k, v in weights.items() if "lora_B" in k]
     assert up and any(bool(v.abs().max() > 0) for v in up)
+
+
+def test_a_run_with_an_evaluation_ema_evaluates_and_exports_the_ema(tiny_run, tmp_path, capsys):
+    """eval.ema_decay > 0: the run's logged evaluations sample the `eval_ema` snapshot; `eval RUN_DIR` reproduces
+    them from the checkpoint, `eval.ema_decay=0` scores raw theta instead (different), and `export` writes the EMA."""
+    import json
+
+    run, out = tmp_path / "run", tmp_path / "exported"
+    assert main(["train", "toy_nft", "--no-progress", *tiny_run(
+        "train.steps=2", "eval.every=0", "checkpoint.every=1", "optim.lr=1e-2", "eval.ema_decay=0.9",
+        out=run)]) == 0
+    logged = [{k: v for k, v in row.items() if k.startswith("eval/")}
+              for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval/images" in row][-1]
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out) == logged
+    assert main(["eval", str(run), "eval.ema_decay=0"]) == 0
+    assert json.loads(capsys.readouterr().out) != logged
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert json.loads((out / "exported_from.json").read_text())["weights"] == "eval_ema"
+    capsys.readouterr()
+    assert main(["eval", str(run / "config.yaml"), f"model.path={out}", "eval.ema_decay=0"]) == 0
+    assert json.loads(capsys.readouterr().out) == logged

@@ -34,6 +34,8 @@ def test_unknown_keys_and_wrong_types_name_the_key_path(override, key):
     ("algo.loss_form=huber", "algo", "loss_form"),
     ("algo.old_decay=fastest", "algo", "old_decay"),
     ("train.optimizer_steps_per_rollout=3", "train.optimizer_steps_per_rollout", "divide"),
+    ("eval.ema_decay=1.0", "eval.ema_decay", "not in [0, 1)"),
+    ("eval.ema_every=0", "eval.ema_every", "at least 1"),
 ])
 def test_bad_values_are_rejected_with_the_key(override, key, words):
     with pytest.raises(ConfigError) as info:

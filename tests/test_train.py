@@ -175,3 +175,24 @@ def test_resuming_a_checkpoint_without_a_generator_state_names_it_and_changes_no
         Trainer(load_config("toy_nft", tiny_run("train.steps=3", "eval.every=-1", "checkpoint.every=2", out=out)),
                 progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("every,expected", [
+    # decay min(0.9, (1 + n) / (10 + n)) after optimizer step n: 2/11 after step 1, 3/12 after step 2.
+    (1, lambda base, t1, t2: (3 / 12) * ((2 / 11) * base + (9 / 11) * t1) + (9 / 12) * t2),
+    (2, lambda base, t1, t2: (3 / 12) * base + (9 / 12) * t2),  # updated after step 2 only
+])
+def test_evaluation_ema_follows_its_warmed_up_decay(tiny_run, tmp_path, every, expected):
+    cfg = load_config("toy_nft", tiny_run("eval.every=-1", "optim.lr=1e-2", "eval.ema_decay=0.9",
+                                          f"eval.ema_every={every}", out=tmp_path / f"ema{every}"))
+    trainer = Trainer(cfg, progress=False)
+    flat = lambda module: torch.cat([p.detach().flatten().clone() for p in module.parameters()])  # noqa: E731
+    base = flat(trainer.policy.core)
+    thetas = []
+    for _ in range(2):
+        trainer.rl_step()
+        thetas.append(flat(trainer.policy.core))
+    torch.testing.assert_close(flat(trainer.policy.snapshots["eval_ema"]), expected(base, *thetas),
+                               rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(thetas[1], base)
+    trainer.reward.close()

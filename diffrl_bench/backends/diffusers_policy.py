@@ -341,6 +341,13 @@ class DiffusersFlowPolicy(SnapshotPolicy):
             return super().update_snapshot(name, decay)
         self.lora.soft_update(name, decay)
 
+    def copy_snapshot_to_theta(self, name: str) -> None:
+        if name == REF or name not in self.snapshots:
+            raise KeyError(f"cannot copy snapshot {name!r} into theta; have: {list(self.snapshots)}")
+        if self.lora is None:
+            return super().copy_snapshot_to_theta(name)
+        self.lora.copy_to_theta(name)
+
     def snapshot_state_dict(self) -> Dict[str, torch.Tensor]:
         if self.lora is None:
             return super().snapshot_state_dict()

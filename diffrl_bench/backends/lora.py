@@ -114,6 +114,12 @@ class LoraSnapshots:
         self._restore_theta()
 
     @torch.no_grad()
+    def copy_to_theta(self, adapter: str) -> None:
+        """theta's adapter <- this adapter's weights."""
+        theta, phi = self._params[THETA_ADAPTER], self._params[adapter]
+        soft_update_([theta[k] for k in theta], [phi[k] for k in theta], 0.0)
+
+    @torch.no_grad()
     def soft_update(self, adapter: str, decay: float) -> None:
         """phi <- d phi + (1 - d) theta on the adapter weights."""
         theta, phi = self._params[THETA_ADAPTER], self._params[adapter]
