@@ -280,7 +280,7 @@ class Trainer:
         """
         items = list(self.algo.training_items(batch, indices, self.cfg.train.micro_batch_size,
                                               self.generators["train"]))
-        shape = {(item.snapshots, item.cfg_scale, tuple(sorted(item.snapshot_cfg.items()))) for item in items}
+        shape = {(tuple(item.snapshots), item.cfg_scale, tuple(sorted(item.snapshot_cfg.items()))) for item in items}
         if len(shape) != 1:
             raise RuntimeError(f"algorithm {self.cfg.algorithm!r} returned {len(items)} training items that do not all "
                                f"evaluate the same snapshots with the same guidance ({sorted(map(str, shape))}); "
