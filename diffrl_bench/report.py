@@ -819,6 +819,26 @@ def _ablation_markdown(a: Analysis) -> List[str]:
             "Both tables, unrounded: [ablation.csv](ablation.csv).", ""]
 
 
+def evaluated_weights(runs: List[Run]) -> str:
+    """One sentence on which weights the arms' evaluations sampled: theta, or an EMA of it (`eval.ema_decay`)."""
+    by_setting: Dict[str, List[str]] = {}
+    for run in runs:
+        decay = config_value(run.config, "eval.ema_decay")
+        every = config_value(run.config, "eval.ema_every")
+        if decay is _MISSING or not decay:  # written before the evaluation EMA existed, or with it off
+            setting = "theta"
+        else:
+            setting = f"an EMA of the weights (decay {decay:g}, updated every {every if every is not _MISSING else 1}" \
+                      f" optimizer step(s))"
+        arms = by_setting.setdefault(setting, [])
+        if run.arm not in arms:
+            arms.append(run.arm)
+    if len(by_setting) == 1:
+        return f"Evaluated weights: {next(iter(by_setting))}, for every arm."
+    parts = "; ".join(f"{setting} for {', '.join(arms)}" for setting, arms in by_setting.items())
+    return f"**Evaluated weights differ between arms**, so their scores are not like for like: {parts}."
+
+
 def render_markdown(analysis: Analysis, figures: Dict[str, str]) -> str:
     """The text of report.md: sentences, summary table, figures (relative links) and method notes."""
     a = analysis
@@ -828,6 +848,7 @@ def render_markdown(analysis: Analysis, figures: Dict[str, str]) -> str:
     out.append(f"{len(a.runs)} runs, {len(a.arms)} arm{'s' if len(a.arms) != 1 else ''}. Headline metric `{a.headline}`"
                + (f"; held-out metrics {', '.join(f'`{h}`' for h in a.heldout)}" if a.heldout else "") + ".")
     out.append(f"Threshold **{thr}** ({a.threshold_reason}). Baseline **{a.baseline}** ({a.baseline_reason}).")
+    out.append(evaluated_weights(a.runs))
     out.append("")
     out += ["## Head to head", ""] + [f"- {s}" for s in a.sentences] + [""]
 

@@ -371,3 +371,17 @@ def test_ablation_errors_name_the_arm_and_the_key(tmp_path):
         handle.write("rollout:\n  sampler:\n    name: dpm2\n")
     with pytest.raises(report.ReportError, match="arm 'a-x': its seeds differ"):
         report.analyse(root, n_boot=20, ablate=["rollout.sampler.name"])
+
+
+def test_evaluated_weights_are_stated_and_a_mismatch_is_flagged(tmp_path):
+    def run(arm, seed, eval_cfg):
+        return report.Run(arm=arm, seed=seed, path=tmp_path, frame=pd.DataFrame(), config={"eval": eval_cfg})
+
+    old = run("a", 0, {"every": 5})  # a run written before the evaluation EMA existed
+    assert report.evaluated_weights([old, run("b", 0, {"ema_decay": 0.0})]) == "Evaluated weights: theta, for every arm."
+    ema = [run("a", 0, {"ema_decay": 0.9, "ema_every": 8}), run("b", 1, {"ema_decay": 0.9, "ema_every": 8})]
+    assert report.evaluated_weights(ema) == ("Evaluated weights: an EMA of the weights (decay 0.9, updated every 8 "
+                                             "optimizer step(s)), for every arm.")
+    mixed = report.evaluated_weights([ema[0], run("b", 0, {"ema_decay": 0.0}), run("b", 1, {})])
+    assert mixed.startswith("**Evaluated weights differ between arms**")
+    assert "(decay 0.9, updated every 8 optimizer step(s)) for a; theta for b." in mixed
