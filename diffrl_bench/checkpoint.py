@@ -40,11 +40,16 @@ def _unflatten_optimizer(tensors: Dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def checkpoint_dir(directory: Path, step: int) -> Path:
+    """Where the checkpoint of RL step `step` lives under a run's checkpoint directory."""
+    return Path(directory) / f"{PREFIX}{step:07d}"
+
+
 def save_checkpoint(directory: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     snapshots: Dict[str, torch.Tensor], generators: Dict[str, torch.Generator],
                     trainer_state: dict, keep_last: int = 2) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"{PREFIX}{step:07d}"
+    final = checkpoint_dir(directory, step)
     tmp = directory / f".tmp_{PREFIX}{step:07d}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -109,7 +114,7 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
                          f"(it has {sorted(k.removeprefix('generator.') for k in rng if k.startswith('generator.'))});"
                          f" it was written by an older diffrl-bench or a differently launched run. Resume it with "
                          f"that setup, or start afresh in another output_dir")
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    load_model_weights(path, model)
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
     for name, g in generators.items():
         g.set_state(rng[f"generator.{name}"])

@@ -62,7 +62,7 @@ def cmd_pretrain(args) -> int:
 
 def _run_checkpoint(run_dir: Path, which: Optional[str]) -> Path:
     """The checkpoint of a run directory to evaluate: the newest, or `which` (a step number or a path)."""
-    from diffrl_bench.checkpoint import PREFIX, latest_checkpoint
+    from diffrl_bench.checkpoint import checkpoint_dir, latest_checkpoint
 
     if which is None:
         found = latest_checkpoint(run_dir / "checkpoints")
@@ -70,7 +70,7 @@ def _run_checkpoint(run_dir: Path, which: Optional[str]) -> Path:
             raise SystemExit(f"run directory {run_dir} has no checkpoint to evaluate (was checkpoint.every 0?); "
                              f"its trained weights were not saved")
         return found
-    path = Path(which) if not which.isdigit() else run_dir / "checkpoints" / f"{PREFIX}{int(which):07d}"
+    path = checkpoint_dir(run_dir / "checkpoints", int(which)) if which.isdigit() else Path(which)
     if not (path / "state.json").exists():
         raise SystemExit(f"--checkpoint {which!r}: {path} is not a finished checkpoint")
     return path
@@ -79,10 +79,10 @@ def _run_checkpoint(run_dir: Path, which: Optional[str]) -> Path:
 def _load_trained(policy, cfg, checkpoint: Path) -> None:
     """theta's weights from the checkpoint, and the evaluation EMA when the run kept one (what it evaluated)."""
     from diffrl_bench.checkpoint import load_model_weights, load_snapshot_weights
-    from diffrl_bench.evaluate import EVAL_EMA
+    from diffrl_bench.evaluate import EVAL_EMA, eval_snapshot
 
     load_model_weights(checkpoint, policy.core)
-    if cfg.eval.ema_decay > 0:
+    if eval_snapshot(cfg.eval) == EVAL_EMA:
         snapshots = load_snapshot_weights(checkpoint)
         if not any(key.startswith(f"{EVAL_EMA}/") for key in snapshots):
             raise SystemExit(f"{checkpoint} holds no {EVAL_EMA} snapshot although the run's eval.ema_decay is "
@@ -99,7 +99,7 @@ def cmd_eval(args) -> int:
     from diffrl_bench.config import load_config
     from diffrl_bench.evaluate import build_eval_rewards, eval_snapshot, evaluate
     from diffrl_bench.prompts import load_prompts
-    from diffrl_bench.models import build_policy
+    from diffrl_bench.models import THETA, build_policy
 
     run_dir = Path(args.config)
     is_run = run_dir.is_dir() and (run_dir / "config.yaml").exists()
@@ -109,12 +109,12 @@ def cmd_eval(args) -> int:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     policy = build_policy(cfg.model)
-    snapshot = "theta"  # a model path is evaluated as it is
+    snapshot = THETA  # a model path is evaluated as it is
     if is_run:
         checkpoint = _run_checkpoint(run_dir, args.checkpoint)
         _load_trained(policy, cfg, checkpoint)
         snapshot = eval_snapshot(cfg.eval)
-        log.info("evaluating %s of %s", "the evaluation EMA" if snapshot != "theta" else "theta", checkpoint)
+        log.info("evaluating %s of %s", snapshot, checkpoint)
     metrics, _, _ = evaluate(policy, load_prompts(cfg.data.eval_prompts, "data.eval_prompts"), cfg.eval,
                              build_eval_rewards(cfg), snapshot=snapshot, progress=True)
     text = json.dumps(metrics, indent=2)
@@ -128,7 +128,8 @@ def cmd_export(args) -> int:
     import json
 
     from diffrl_bench.config import load_config
-    from diffrl_bench.models import build_policy
+    from diffrl_bench.evaluate import eval_snapshot
+    from diffrl_bench.models import THETA, build_policy
 
     run_dir, out = Path(args.run), Path(args.out)
     if not (run_dir / "config.yaml").exists():
@@ -141,15 +142,13 @@ def cmd_export(args) -> int:
     if not hasattr(policy, "export"):
         raise SystemExit(f"model backend {cfg.model.backend!r} has no export")
     _load_trained(policy, cfg, checkpoint)
-    if cfg.eval.ema_decay > 0:  # the weights the run evaluated
-        from diffrl_bench.evaluate import EVAL_EMA
-
-        policy.copy_snapshot_to_theta(EVAL_EMA)
+    weights = eval_snapshot(cfg.eval)  # the weights the run evaluated
+    if weights != THETA:
+        policy.copy_snapshot_to_theta(weights)
     policy.export(out)
     step = json.loads((checkpoint / "state.json").read_text())["step"]
     provenance = {"run": str(run_dir.resolve()), "checkpoint": str(checkpoint.resolve()), "step": step,
-                  "weights": "eval_ema" if cfg.eval.ema_decay > 0 else "theta", "backend": cfg.model.backend,
-                  "base": cfg.model.path}
+                  "weights": weights, "backend": cfg.model.backend, "base": cfg.model.path}
     (out / "exported_from.json").write_text(json.dumps(provenance, indent=2) + "\n")
     print(f"exported step {step} of {run_dir} to {out}")
     return 0

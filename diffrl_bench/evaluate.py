@@ -15,13 +15,13 @@ from tqdm import tqdm
 
 from diffrl_bench.prompts import Prompt
 from diffrl_bench.registry import SAMPLERS
-from diffrl_bench.models import calls_per_velocity
+from diffrl_bench.models import THETA, calls_per_velocity
 from diffrl_bench.reward_harness import build_reward, call_reward
 from diffrl_bench.sampling import flow_sigmas
 
 
 @torch.no_grad()
-def generate(policy, prompts: Sequence[str], noise: torch.Tensor, sampler_cfg, *, snapshot: str = "theta",
+def generate(policy, prompts: Sequence[str], noise: torch.Tensor, sampler_cfg, *, snapshot: str = THETA,
              batch_size: int = 256, progress: bool = False, seed: int = 0) -> Tuple[torch.Tensor, int]:
     """Images in [0, 1] for `prompts` from the given initial noise; returns (images, NFEs per sample x samples)."""
     sampler = SAMPLERS.get(sampler_cfg.name)
@@ -62,10 +62,10 @@ EVAL_EMA = "eval_ema"
 
 def eval_snapshot(eval_cfg) -> str:
     """Which snapshot the evaluation samples with: `eval_ema` when the run keeps one, else theta."""
-    return EVAL_EMA if eval_cfg.ema_decay > 0 else "theta"
+    return EVAL_EMA if eval_cfg.ema_decay > 0 else THETA
 
 
-def evaluate(policy, prompts: List[Prompt], eval_cfg, rewards: Dict[str, object], *, snapshot: str = "theta",
+def evaluate(policy, prompts: List[Prompt], eval_cfg, rewards: Dict[str, object], *, snapshot: str = THETA,
              progress: bool = False) -> Tuple[Dict[str, float], torch.Tensor, int]:
     """Returns (metrics under `eval/`, images ordered prompt-major, NFEs used), sampled with `snapshot`."""
     k = eval_cfg.images_per_prompt
