@@ -1,5 +1,5 @@
-"""What the SD3 and FLUX backends share: options, LoRA or full fine-tuning snapshots, the prompt-embedding cache,
-classifier-free guidance, VAE decode, checkpoint state and LoRA export.
+"""What the SD3 and FLUX backends share: loading, the prompt-embedding cache, classifier-free guidance, VAE
+decode, checkpoint state, and the snapshot operations (done by the fine-tuning mode's strategy, snapshots.py).
 
 A backend subclass says how to load its pipeline, how to encode text, and how one transformer call turns
 `(x, sigma, cond)` into the project's velocity (`VelocityModule.forward`). Conventions (METHODS.md): sigma in [0, 1],
@@ -7,87 +7,23 @@ A backend subclass says how to load its pipeline, how to encode text, and how on
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from diffrl_bench.models import THETA, SnapshotPolicy
-from diffrl_bench.backends.lora import DEFAULT_TARGETS, LoraSnapshots, make_lora_config
+from diffrl_bench.backends.lora import LoraSnapshots, make_lora_config
+from diffrl_bench.backends.options import DTYPES, BackendOptions, parse_options
 from diffrl_bench.backends.presets import Preset, RandomTextEmbedder, get_preset, seeded_build
+from diffrl_bench.backends.snapshots import REF, AdapterSnapshots, ParameterCopies
 
 log = logging.getLogger("diffrl_bench")
 
-REF = "ref"
 RANDOM_PREFIX = "random:"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class BackendOptions:
-    """Options of the diffusers backends (`model.options` in a run config, or keyword arguments)."""
-
-    finetune: str = "lora"
-    """`lora`: theta is a peft LoRA adapter, snapshots are extra adapters, `ref` is the adapter-free base;
-    `full`: every transformer weight trains, snapshots are frozen copies of the transformer"""
-    lora_rank: int = 32
-    lora_alpha: float = 64.0
-    lora_targets: List[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    """module names that get LoRA (METHODS.md shared defaults)"""
-    dtype: str = "auto"
-    """weights that do not train (base transformer under LoRA, text encoders, VAE): `auto` (bfloat16 on CUDA,
-    float32 on CPU), `float32`, `bfloat16`, `float16`"""
-    trainable_dtype: str = "float32"
-    """the trained weights (LoRA adapters, or the whole transformer under full fine-tuning) and their snapshots"""
-    resolution: int = 0
-    """image height = width in pixels; 0: the model's native size (random presets: their default)"""
-    max_sequence_length: int = 0
-    """T5 tokens; 0: the pipeline's default (SD3 256, FLUX 512), capped by the tokenizer's limit"""
-    gradient_checkpointing: bool = False
-    guidance_scale: float = 3.5
-    """FLUX guidance-distilled models (FLUX.1-dev) only: the value fed to the guidance embedding"""
-    decode_batch_size: int = 8
-    encode_batch_size: int = 32
-    cache_prompts: bool = True
-    """keep each prompt's embeddings on the device after its first encoding (prompt sets are small)"""
-    random_init: str = ""
-    """build a preset architecture with random weights and no text encoders (same as path `random:<preset>`)"""
-    init_seed: int = 0
-    """seed of the random-init weights and random prompt embeddings"""
-
-    def validate(self) -> None:
-        if self.finetune not in ("lora", "full"):
-            raise ValueError(f"option finetune={self.finetune!r} is not 'lora' or 'full'")
-        for key in ("dtype", "trainable_dtype"):
-            value = getattr(self, key)
-            if value not in _DTYPES and not (key == "dtype" and value == "auto"):
-                raise ValueError(f"option {key}={value!r} is not one of {['auto', *_DTYPES] if key == 'dtype' else list(_DTYPES)}")
-        if self.lora_rank < 1:
-            raise ValueError("option lora_rank must be at least 1")
-        for key in ("resolution", "max_sequence_length"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"option {key} must be non-negative (0: the model's default)")
-        for key in ("decode_batch_size", "encode_batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"option {key} must be at least 1")
-
-
-def parse_options(options: Optional[Mapping[str, Any]], kwargs: Mapping[str, Any]) -> BackendOptions:
-    merged = {**dict(options or {}), **dict(kwargs)}
-    known = {f.name for f in dataclasses.fields(BackendOptions)}
-    unknown = sorted(set(merged) - known)
-    if unknown:
-        raise ValueError(f"unknown diffusers backend option(s) {unknown}; known: {sorted(known)}")
-    if "lora_targets" in merged:
-        merged["lora_targets"] = list(merged["lora_targets"])
-    opts = BackendOptions(**merged)
-    opts.validate()
-    return opts
 
 
 def _dtype_keyword() -> str:
@@ -136,17 +72,6 @@ class VelocityModule(nn.Module):
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
 
-class _AdapterView:
-    """A LoRA snapshot as a callable network: the shared module with the snapshot's adapter switched on."""
-
-    def __init__(self, module: VelocityModule, lora: LoraSnapshots, adapter: Optional[str]):
-        self.module, self.lora, self.adapter = module, lora, adapter
-
-    def __call__(self, x, sigma, cond):
-        with self.lora.using(self.adapter):
-            return self.module(x, sigma, cond)
-
-
 class DiffusersFlowPolicy(SnapshotPolicy):
     """Base of the diffusers backends; subclasses fill in the class attributes and the `_`-methods below."""
 
@@ -154,14 +79,17 @@ class DiffusersFlowPolicy(SnapshotPolicy):
     presets: Dict[str, Preset] = {}
     velocity_module_class = VelocityModule
     default_max_sequence_length = 256
+    """T5 tokens when the `max_sequence_length` option is 0: the pipeline's own `encode_prompt` default"""
+    t5_tokenizer = ""
+    """the pipeline attribute holding the T5 tokenizer, whose `model_max_length` caps the default length"""
 
     def __init__(self, path: str = "", device: str | torch.device = "cpu", options: Optional[Mapping] = None,
                  **kwargs):
         opts = parse_options(options, kwargs)
-        self.options = opts
+        self.options: BackendOptions = opts
         device = torch.device(device)
-        frozen = _DTYPES["bfloat16" if device.type == "cuda" else "float32"] if opts.dtype == "auto" else _DTYPES[opts.dtype]
-        trainable = _DTYPES[opts.trainable_dtype]
+        frozen = DTYPES["bfloat16" if device.type == "cuda" else "float32"] if opts.dtype == "auto" else DTYPES[opts.dtype]
+        trainable = DTYPES[opts.trainable_dtype]
         transformer_dtype = frozen if opts.finetune == "lora" else trainable
         self.frozen_dtype = frozen
         self.pipe = None
@@ -197,13 +125,12 @@ class DiffusersFlowPolicy(SnapshotPolicy):
             transformer.enable_gradient_checkpointing()
         core = self.velocity_module_class(transformer, transformer_dtype)
         super().__init__(core)
-        self.lora: Optional[LoraSnapshots] = None
+        self.finetuning: AdapterSnapshots | ParameterCopies
         if opts.finetune == "lora":
             config = make_lora_config(opts.lora_rank, opts.lora_alpha, opts.lora_targets)
-            self.lora = LoraSnapshots(transformer, config, dtype=trainable)
-            core.persistent = {f"transformer.{n}" for n in self.lora.param_names().values()}
+            self.finetuning = AdapterSnapshots(self, config, trainable)
         else:
-            transformer.requires_grad_(True)
+            self.finetuning = ParameterCopies(self)
 
         self.resolution = opts.resolution or native
         factor = self.vae_scale_factor * self._patch_multiple(transformer)
@@ -250,7 +177,10 @@ class DiffusersFlowPolicy(SnapshotPolicy):
         return int(self.vae.config.latent_channels) if self.vae is not None else int(transformer.config.in_channels)
 
     def _default_sequence_length(self) -> int:
-        return self.default_max_sequence_length
+        """The pipeline's default T5 length, capped by its T5 tokenizer's limit (a tokenizer may allow fewer)."""
+        tokenizer = getattr(self.pipe, self.t5_tokenizer, None)
+        limit = getattr(tokenizer, "model_max_length", None) or self.default_max_sequence_length
+        return min(self.default_max_sequence_length, int(limit))
 
     # --------------------------------------------------------------------------------------------- loading
     def _load(self, path: str, device: torch.device, frozen: torch.dtype, transformer_dtype: torch.dtype):
@@ -308,60 +238,38 @@ class DiffusersFlowPolicy(SnapshotPolicy):
         return {k: v.expand(batch_size, *v.shape[1:]) for k, v in null.items()}
 
     # ------------------------------------------------------------------------------------------- snapshots
+    # Arguments are checked here, once for both fine-tuning modes; `self.finetuning` does the work.
+    @property
+    def lora(self) -> Optional[LoraSnapshots]:
+        """The adapters under `finetune: lora` (tests and tools inspect them); None under full fine-tuning."""
+        return self.finetuning.lora
+
     def trainable_parameters(self):
-        if self.lora is not None:
-            return self.lora.theta_parameters()
-        return super().trainable_parameters()
+        return self.finetuning.trainable_parameters()
 
     def add_snapshot(self, name: str) -> None:
-        if self.lora is None:
-            super().add_snapshot(name)
-            ref = self.snapshots[name] if name == REF else None
-            if ref is not None and ref.compute_dtype != self.frozen_dtype:
-                # ref never moves, so it can live in the frozen dtype: under bf16 autocast the matmuls see bf16
-                # weights either way, and an SD3.5-M copy shrinks from 9 to 4.5 GB.
-                ref.to(dtype=self.frozen_dtype)
-                ref.compute_dtype = self.frozen_dtype
-            return
         if name == THETA:
             raise ValueError("'theta' is the trained policy, not a snapshot")
-        if name in self.snapshots:
-            return
-        adapter = None if name == REF else name
-        if adapter is not None:
-            self.lora.add(adapter)
-        self.snapshots[name] = _AdapterView(self.core, self.lora, adapter)
+        if name not in self.snapshots:
+            self.finetuning.add(name)
 
     def update_snapshot(self, name: str, decay: float) -> None:
         if name not in self.snapshots:
             raise KeyError(f"snapshot {name!r} was not created; have: {[THETA] + list(self.snapshots)}")
         if name == REF:
             raise ValueError("'ref' is the frozen base model (adapters disabled under LoRA); it cannot be updated")
-        if self.lora is None:
-            return super().update_snapshot(name, decay)
-        self.lora.soft_update(name, decay)
+        self.finetuning.update(name, decay)
 
     def copy_snapshot_to_theta(self, name: str) -> None:
         if name == REF or name not in self.snapshots:
             raise KeyError(f"cannot copy snapshot {name!r} into theta; have: {list(self.snapshots)}")
-        if self.lora is None:
-            return super().copy_snapshot_to_theta(name)
-        self.lora.copy_to_theta(name)
+        self.finetuning.copy_to_theta(name)
 
     def snapshot_state_dict(self) -> Dict[str, torch.Tensor]:
-        if self.lora is None:
-            return super().snapshot_state_dict()
-        return {f"{name}/{k}": v for name in self.snapshots if name != REF
-                for k, v in self.lora.state_dict(name).items()}
+        return self.finetuning.state_dict()
 
     def load_snapshot_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        if self.lora is None:
-            return super().load_snapshot_state_dict(state)
-        for name in self.snapshots:
-            if name == REF:
-                continue
-            prefix = f"{name}/"
-            self.lora.load_state_dict(name, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        self.finetuning.load_state_dict(state)
 
     # ---------------------------------------------------------------------------------------------- images
     @torch.no_grad()
@@ -394,21 +302,16 @@ class DiffusersFlowPolicy(SnapshotPolicy):
     def export(self, path: str | Path) -> Path:
         """theta in the form the plain pipeline takes: LoRA weights (`load_lora_weights`), or under full
         fine-tuning the transformer (`save_pretrained`, the pipeline's `transformer` subfolder)."""
-        return self.save_lora(path) if self.lora is not None else self.save_transformer(path)
+        return self.finetuning.export(Path(path))
 
     def save_lora(self, path: str | Path) -> Path:
         """theta's adapter as diffusers LoRA weights: `<Pipeline>.load_lora_weights(path)` applies it."""
-        if self.lora is None:
+        if not isinstance(self.finetuning, AdapterSnapshots):
             raise RuntimeError("save_lora needs finetune=lora; under full fine-tuning use save_transformer")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.lora.save_for_pipeline(self._pipeline_class(), str(path))
-        return path
+        return self.export(path)
 
     def save_transformer(self, path: str | Path) -> Path:
         """theta's full transformer (`save_pretrained`), loadable as the pipeline's `transformer` subfolder."""
-        if self.lora is not None:
+        if not isinstance(self.finetuning, ParameterCopies):
             raise RuntimeError("save_transformer needs finetune=full; under LoRA use save_lora")
-        path = Path(path)
-        self.transformer.save_pretrained(str(path))
-        return path
+        return self.export(path)

@@ -68,6 +68,7 @@ class FluxBackend(DiffusersFlowPolicy):
     pipeline_class_name = "FluxPipeline"
     transformer_class_name = "FluxTransformer2DModel"
     default_max_sequence_length = 512  # FluxPipeline's default
+    t5_tokenizer = "tokenizer_2"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -80,11 +81,6 @@ class FluxBackend(DiffusersFlowPolicy):
                                                     num_images_per_prompt=1,
                                                     max_sequence_length=self.max_sequence_length)
         return embeds, pooled
-
-    def _default_sequence_length(self) -> int:
-        tokenizer = getattr(self.pipe, "tokenizer_2", None)
-        limit = getattr(tokenizer, "model_max_length", None) or self.default_max_sequence_length
-        return min(self.default_max_sequence_length, int(limit))
 
     def _native_resolution(self, transformer) -> int:
         # FluxPipeline's default is 128 latents x 8 = 1024 px; the VAE's config carries the same number and also

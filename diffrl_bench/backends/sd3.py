@@ -37,17 +37,13 @@ class SD3Backend(DiffusersFlowPolicy):
     pipeline_class_name = "StableDiffusion3Pipeline"
     transformer_class_name = "SD3Transformer2DModel"
     default_max_sequence_length = 256  # StableDiffusion3Pipeline's default
+    t5_tokenizer = "tokenizer_3"
 
     def _encode_text(self, prompts: List[str]) -> Tuple[torch.Tensor, torch.Tensor]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
             do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
         return embeds, pooled
-
-    def _default_sequence_length(self) -> int:
-        tokenizer = getattr(self.pipe, "tokenizer_3", None)
-        limit = getattr(tokenizer, "model_max_length", None) or self.default_max_sequence_length
-        return min(self.default_max_sequence_length, int(limit))
 
     def _native_resolution(self, transformer) -> int:
         # The pipeline's default size: sample_size latents times the VAE's downsampling.
