@@ -40,7 +40,11 @@ def latent_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
 
 
 class FluxVelocity(VelocityModule):
+    """The FLUX transformer as `v = module(x, sigma, cond)`: packs (B, C, H, W) latents into 2x2 tokens and
+    back around the call, with sigma itself as the timestep and, for guidance-distilled models, `guidance`."""
+
     guidance: Optional[float] = None
+    """the guidance embedding's input (the `guidance_scale` option) when the model has one; None: not fed"""
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
         dtype = self.compute_dtype

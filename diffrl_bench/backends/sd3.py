@@ -17,6 +17,9 @@ from diffrl_bench.registry import MODELS
 
 
 class SD3Velocity(VelocityModule):
+    """The SD3 transformer as `v = module(x, sigma, cond)`: timestep 1000 sigma, the condition's CLIP+T5
+    sequence and pooled CLIP embeddings, output used as `eps - x0` unchanged."""
+
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
         dtype = self.compute_dtype
         # The pipeline feeds the scheduler's float32 timesteps, sigma * 1000; the network predicts eps - x0 as is.
