@@ -10,25 +10,38 @@ Sources (`data.train_prompts`, `data.eval_prompts`):
 * `lines:PATH` or any `PATH.txt`: one prompt a line (DrawBench, Pick-a-Pic, OCR files); metadata `{}`, plus
   `{"ocr_target": text}` when the line has a quoted span, so an OCR file loads either way.
 
-Blank lines are skipped and surrounding whitespace is stripped. A missing file, an empty file or a malformed line
-raises an error naming the config key, the file and the line.
+Blank (or whitespace-only) lines are skipped, not errors: files from the papers' repositories end with one, and a
+blank line carries no prompt that could be lost. Surrounding whitespace is stripped. Every problem raises one
+`PromptFileError` naming the config key, the file and, for a line's problem, the line: a missing file, a directory,
+an unknown extension, a file with no prompts, text that is not UTF-8, a malformed JSON line, missing or mistyped
+GenEval fields, an OCR line without a quoted target.
+
+`validate_prompt_sources(cfg)` runs these checks, and the ones that need the run's settings (prompts the model's
+tokenizer refuses, e.g. GenEval prompts on the toy model; more prompts per step than the file holds; rewards that
+need metadata the prompts lack), before any model is built. It reads files and the model's config only.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from diffrl_bench.config import ConfigError
 
 
 @dataclass(frozen=True)
 class Prompt:
     text: str
     metadata: Dict[str, Any]
+    where: str = field(default="", compare=False)
+    """where the prompt came from, for error messages: `PATH:LINE`, or `toy:SPLIT #N`"""
 
 
-class PromptFileError(ValueError):
-    """A prompt file is missing, empty or has a malformed line; the message names key, file and line."""
+class PromptFileError(ConfigError):
+    """A prompt source cannot be used; the message names the config key, the file and (for a line) the line.
+
+    A `ConfigError`, so the command line reports it in one line (exit code 2) like any other bad setting."""
 
 
 _FORMATS = ("geneval", "ocr", "lines")
@@ -37,7 +50,7 @@ _FORMATS = ("geneval", "ocr", "lines")
 def load_prompts(source: str, key: str = "data.train_prompts") -> List[Prompt]:
     """Prompts with their metadata from a source string (see the module docstring for the forms)."""
     if not isinstance(source, str) or not source.strip():
-        raise ValueError(f"{key}: empty prompt source; use toy:train, geneval:PATH, ocr:PATH or lines:PATH")
+        raise PromptFileError(f"{key}: empty prompt source; use toy:train, geneval:PATH, ocr:PATH or lines:PATH")
     if source.startswith("toy:"):
         return _toy(source, key)
     fmt, path = _split_source(source, key)
@@ -55,8 +68,8 @@ def _toy(source: str, key: str) -> List[Prompt]:
     splits = {"train": train, "heldout": heldout, "all": domain.all_prompts()}
     split = source.split(":", 1)[1]
     if split not in splits:
-        raise ValueError(f"{key}: unknown toy split {split!r}; use one of {sorted(splits)}")
-    return [Prompt(spec.text, dict(spec.metadata)) for spec in splits[split]]
+        raise PromptFileError(f"{key}: unknown toy split {split!r}; use one of {sorted(splits)}")
+    return [Prompt(spec.text, dict(spec.metadata), f"{source} #{n}") for n, spec in enumerate(splits[split], 1)]
 
 
 def _split_source(source: str, key: str) -> Tuple[str, str]:
@@ -68,11 +81,11 @@ def _split_source(source: str, key: str) -> Tuple[str, str]:
     elif source.endswith(".txt"):
         fmt, path = "lines", source
     else:
-        raise ValueError(f"{key}: unknown prompt source {source!r}; use toy:train|heldout|all, geneval:PATH "
+        raise PromptFileError(f"{key}: unknown prompt source {source!r}; use toy:train|heldout|all, geneval:PATH "
                          f"(or PATH.jsonl), ocr:PATH, lines:PATH (or PATH.txt)")
     path = os.path.expanduser(path)
     if not path:
-        raise ValueError(f"{key}: {source!r} names no file after '{fmt}:'")
+        raise PromptFileError(f"{key}: {source!r} names no file after '{fmt}:'")
     if not os.path.isfile(path):
         what = "is a directory, not a file" if os.path.isdir(path) else "not found"
         raise PromptFileError(f"{key}: prompt file {path!r} {what} (source {source!r}, cwd {os.getcwd()})")
@@ -106,7 +119,7 @@ def _load_geneval(path: str, key: str) -> List[Prompt]:
             validate_metadata(record)
         except MetadataError as error:
             raise PromptFileError(f"{key}: {path}:{number}: {error}") from None
-        prompts.append(Prompt(record["prompt"].strip(), record))
+        prompts.append(Prompt(record["prompt"].strip(), record, f"{path}:{number}"))
     return prompts
 
 
@@ -125,13 +138,62 @@ def _load_ocr(path: str, key: str) -> List[Prompt]:
                                   f"(OCR prompts quote their target, e.g. a sign reading \"OPEN\"): {text[:80]!r}")
         if not target.strip():
             raise PromptFileError(f"{key}: {path}:{number}: the quoted text to render is empty: {text[:80]!r}")
-        prompts.append(Prompt(text, {"ocr_target": target}))
+        prompts.append(Prompt(text, {"ocr_target": target}, f"{path}:{number}"))
     return prompts
 
 
 def _load_lines(path: str, key: str) -> List[Prompt]:
     prompts = []
-    for _, text in _lines(path, key):
+    for number, text in _lines(path, key):
         target = quoted_target(text)
-        prompts.append(Prompt(text, {"ocr_target": target} if target and target.strip() else {}))
+        prompts.append(Prompt(text, {"ocr_target": target} if target and target.strip() else {}, f"{path}:{number}"))
     return prompts
+
+
+# ------------------------------------------------------------------------------------------- checks of a run's use
+def check_model_vocabulary(prompts: Sequence[Prompt], model_cfg, key: str) -> None:
+    """Prompts the model's tokenizer would refuse (a backend with a `prompt_checker`, e.g. the toy model's fixed
+    vocabulary), found without building the model: the first one is named with its file and line."""
+    from diffrl_bench.registry import MODELS
+
+    checker_of = getattr(MODELS.get(model_cfg.backend), "prompt_checker", None)
+    if checker_of is None:
+        return
+    problem = checker_of(model_cfg.path)
+    for prompt in prompts:
+        why = problem(prompt.text)
+        if why is not None:
+            raise PromptFileError(f"{key}: {prompt.where}: model.backend {model_cfg.backend!r} "
+                                  f"(model.path {model_cfg.path!r}) cannot take prompt {prompt.text[:80]!r}: {why}")
+
+
+def check_prompts_per_step(prompts_per_step: int, prompts: Sequence[Prompt], source: str,
+                           key: str = "data.train_prompts") -> None:
+    """A step draws distinct prompts: more than the set holds would silently repeat prompts within a step."""
+    if prompts_per_step > len(prompts):
+        raise PromptFileError(f"rollout.prompts_per_step = {prompts_per_step} is larger than the {len(prompts)} "
+                              f"prompts of {key} = {source!r}; a step draws distinct prompts, so lower "
+                              f"rollout.prompts_per_step or use a larger prompt set")
+
+
+def validate_prompt_sources(cfg, train: bool = True) -> Dict[str, List[Prompt]]:
+    """Every prompt check of a run, before any model is built: the files (see the module docstring), the model's
+    tokenizer, `rollout.prompts_per_step` (with `train`) and the metadata the run's rewards need.
+
+    Returns the loaded prompts by config key (`data.train_prompts` with `train`, and `data.eval_prompts`), so the
+    caller need not read the files again. `train=False` (eval) checks the evaluation prompts only."""
+    from diffrl_bench.reward_harness import check_reward_metadata
+
+    keys = ("data.train_prompts", "data.eval_prompts") if train else ("data.eval_prompts",)
+    loaded = {}
+    for key in keys:
+        source = cfg.data[key.split(".", 1)[1]]
+        prompts = load_prompts(source, key)
+        check_model_vocabulary(prompts, cfg.model, key)
+        loaded[key] = prompts
+    if train:
+        check_prompts_per_step(cfg.rollout.prompts_per_step, loaded["data.train_prompts"], cfg.data.train_prompts)
+        check_reward_metadata(list(cfg.reward.components), loaded["data.train_prompts"], "data.train_prompts",
+                              "reward.components")
+    check_reward_metadata(list(cfg.eval.rewards), loaded["data.eval_prompts"], "data.eval_prompts", "eval.rewards")
+    return loaded

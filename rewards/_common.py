@@ -15,6 +15,36 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def option(reward: str, key: str, value: Any, kind: type, valid=None, why: str = "") -> Any:
+    """A constructor option converted to `kind` (int, float, bool or str) and checked with `valid`; a bad one
+    raises naming its config key, `reward.options.<reward>.<key>`.
+
+    Strict where a plain conversion would be silently wrong: a bool must be true/false (bool("false") is True),
+    an int must be integral (int(2.7) is 2)."""
+    from diffrl_bench.reward_harness import option_error
+
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise option_error(reward, key, value, "is not true or false")
+        converted = value
+    elif kind is str:
+        if not isinstance(value, str):
+            raise option_error(reward, key, value, "is not a string")
+        converted = value
+    else:
+        try:
+            if isinstance(value, bool) or (kind is int and float(value) != int(float(value))):
+                raise ValueError
+            converted = kind(value)
+        except (TypeError, ValueError, OverflowError):
+            raise option_error(reward, key, value, f"is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and converted != converted:
+            raise option_error(reward, key, value, "is not a number")
+    if valid is not None and not valid(converted):
+        raise option_error(reward, key, value, why)
+    return converted
+
+
 def check_images(name: str, images: torch.Tensor, prompts: Sequence[str]) -> None:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -36,8 +66,7 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(name: str, dtype: str) -> torch.dtype:
     table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in table:
-        raise ValueError(f"{name} option dtype must be one of {sorted(table)}, got {dtype!r}")
+    option(name, "dtype", dtype, str, lambda v: v in table, f"is not one of {sorted(table)}")
     return table[dtype]
 
 

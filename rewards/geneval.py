@@ -15,7 +15,7 @@ from PIL import Image
 
 from diffrl_bench.geneval_server import PARTIAL_MODES, MetadataError, validate_metadata
 from diffrl_bench.registry import REWARDS
-from diffrl_bench.rewards._common import check_images, to_uint8_hwc
+from diffrl_bench.rewards._common import check_images, option, to_uint8_hwc
 
 _START_HINT = ("start it in the GenEval environment: python -m diffrl_bench.geneval_server --port PORT "
                "--backend mask2former --option config=... --option checkpoint=... --option class_names=...")
@@ -44,22 +44,19 @@ class GenEvalReward:
     """
 
     name = "geneval"
+    needs_metadata = ("tag", "include")
 
     def __init__(self, url: str = "http://127.0.0.1:18085", timeout: float = 120.0, batch_size: int = 32,
                  strict_weight: float = 0.0, partial_mode: str = "clauses"):
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-            raise ValueError(f"geneval option url must be an http:// URL, got {url!r}")
-        if float(timeout) <= 0:
-            raise ValueError(f"geneval option timeout must be positive, got {timeout}")
-        if int(batch_size) < 1:
-            raise ValueError(f"geneval option batch_size must be at least 1, got {batch_size}")
-        if not 0.0 <= float(strict_weight) <= 1.0:
-            raise ValueError(f"geneval option strict_weight must be in [0, 1], got {strict_weight}")
-        if partial_mode not in PARTIAL_MODES:
-            raise ValueError(f"geneval option partial_mode must be one of {list(PARTIAL_MODES)}, got {partial_mode!r}")
-        self.url = url.rstrip("/")
-        self.timeout, self.batch_size = float(timeout), int(batch_size)
-        self.strict_weight, self.partial_mode = float(strict_weight), partial_mode
+        name = self.name
+        self.url = option(name, "url", url, str, lambda v: v.startswith(("http://", "https://")),
+                          "is not an http:// URL").rstrip("/")
+        self.timeout = option(name, "timeout", timeout, float, lambda v: v > 0, "is not positive")
+        self.batch_size = option(name, "batch_size", batch_size, int, lambda v: v >= 1, "is not at least 1")
+        self.strict_weight = option(name, "strict_weight", strict_weight, float, lambda v: 0 <= v <= 1,
+                                    "is not in [0, 1]")
+        self.partial_mode = option(name, "partial_mode", partial_mode, str, lambda v: v in PARTIAL_MODES,
+                                   f"is not one of {list(PARTIAL_MODES)}")
         self._limits: Tuple[int, int] | None = None
 
     def _open(self, request: urllib.request.Request, what: str) -> bytes:

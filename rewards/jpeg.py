@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from diffrl_bench.registry import REWARDS
-from diffrl_bench.rewards._common import check_images, to_uint8_hwc
+from diffrl_bench.rewards._common import check_images, option, to_uint8_hwc
 
 
 def jpeg_kilobytes(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
@@ -26,11 +26,8 @@ class _JpegReward:
     sign = 0.0
 
     def __init__(self, quality: int = 95, divisor: float = 1.0):
-        if not 1 <= int(quality) <= 100:
-            raise ValueError(f"{self.name} option quality must be in 1..100, got {quality}")
-        if float(divisor) <= 0:
-            raise ValueError(f"{self.name} option divisor must be positive, got {divisor}")
-        self.quality, self.divisor = int(quality), float(divisor)
+        self.quality = option(self.name, "quality", quality, int, lambda v: 1 <= v <= 100, "is not in 1..100")
+        self.divisor = option(self.name, "divisor", divisor, float, lambda v: v > 0, "is not positive")
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str],
                  metadata: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ import torch
 
 from diffrl_bench.prompts import quoted_target
 from diffrl_bench.registry import REWARDS
-from diffrl_bench.rewards._common import check_images, to_uint8_hwc
+from diffrl_bench.rewards._common import check_images, option, to_uint8_hwc
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -69,12 +69,17 @@ class OcrReward:
 
     def __init__(self, det_limit_side_len: int = 320, det_limit_type: str = "max", threads: int = 1,
                  text_score: float = 0.5, case_sensitive: bool = False, substring_match: bool = True):
-        if det_limit_type not in ("max", "min"):
-            raise ValueError(f"ocr option det_limit_type must be 'max' or 'min', got {det_limit_type!r}")
-        self.engine_options = dict(det_limit_side_len=int(det_limit_side_len), det_limit_type=det_limit_type,
-                                   intra_op_num_threads=int(threads), inter_op_num_threads=int(threads),
-                                   text_score=float(text_score))
-        self.case_sensitive, self.substring_match = bool(case_sensitive), bool(substring_match)
+        name = self.name
+        threads = option(name, "threads", threads, int, lambda v: v >= 1, "is not at least 1")
+        self.engine_options = dict(
+            det_limit_side_len=option(name, "det_limit_side_len", det_limit_side_len, int, lambda v: v >= 1,
+                                      "is not at least 1"),
+            det_limit_type=option(name, "det_limit_type", det_limit_type, str, lambda v: v in ("max", "min"),
+                                  "is not 'max' or 'min'"),
+            intra_op_num_threads=threads, inter_op_num_threads=threads,
+            text_score=option(name, "text_score", text_score, float, lambda v: 0 <= v <= 1, "is not in [0, 1]"))
+        self.case_sensitive = option(name, "case_sensitive", case_sensitive, bool)
+        self.substring_match = option(name, "substring_match", substring_match, bool)
         self._engine = None
         self._lock = threading.Lock()
 

@@ -15,8 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffrl_bench.registry import REWARDS
-from diffrl_bench.rewards._common import (ClipPreprocess, batched, check_images, load_state_dict, resolve_device,
-                                          resolve_dtype)
+from diffrl_bench.reward_harness import RewardConfigError
+from diffrl_bench.rewards._common import (ClipPreprocess, batched, check_images, load_state_dict, option,
+                                          resolve_device, resolve_dtype)
 
 
 def _features(output: Any) -> torch.Tensor:
@@ -74,9 +75,7 @@ class _BatchedReward:
     name = ""
 
     def __init__(self, batch_size: int, device: str, dtype: str):
-        if int(batch_size) < 1:
-            raise ValueError(f"{self.name} option batch_size must be at least 1, got {batch_size}")
-        self.batch_size = int(batch_size)
+        self.batch_size = option(self.name, "batch_size", batch_size, int, lambda v: v >= 1, "is not at least 1")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(self.name, dtype)
 
@@ -106,9 +105,7 @@ class PickScoreReward(_BatchedReward):
     def __init__(self, path: str = "yuvalkirstain/PickScore_v1", processor_path: str | None = None,
                  divisor: float = 26.0, batch_size: int = 32, device: str = "auto", dtype: str = "float32"):
         super().__init__(batch_size, device, dtype)
-        if float(divisor) <= 0:
-            raise ValueError(f"pickscore option divisor must be positive, got {divisor}")
-        self.divisor = float(divisor)
+        self.divisor = option(self.name, "divisor", divisor, float, lambda v: v > 0, "is not positive")
         if processor_path is None:
             has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer_config.json"))
             processor_path = path if has_tokenizer else "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -135,9 +132,7 @@ class ClipScoreReward(_BatchedReward):
     def __init__(self, path: str = "openai/clip-vit-large-patch14", processor_path: str | None = None,
                  divisor: float = 30.0, batch_size: int = 32, device: str = "auto", dtype: str = "float32"):
         super().__init__(batch_size, device, dtype)
-        if float(divisor) <= 0:
-            raise ValueError(f"clipscore option divisor must be positive, got {divisor}")
-        self.divisor = float(divisor)
+        self.divisor = option(self.name, "divisor", divisor, float, lambda v: v > 0, "is not positive")
         self.encoder = ClipEncoder(self.name, path, processor_path, self.device, self.dtype)
 
     def score(self, images, prompts):
@@ -179,8 +174,9 @@ class AestheticReward(_BatchedReward):
                  dtype: str = "float32"):
         super().__init__(batch_size, device, dtype)
         if not weights:
-            raise ValueError("aesthetic: option `weights` is required: the path of the LAION improved-aesthetic-"
-                             "predictor head (sac+logos+ava1-l14-linearMSE.pth or a .safetensors copy)")
+            raise RewardConfigError("bad config key 'reward.options.aesthetic.weights': required (no default): the "
+                                    "path of the LAION improved-aesthetic-predictor head (sac+logos+ava1-l14-"
+                                    "linearMSE.pth or a .safetensors copy)")
         self.encoder = ClipEncoder(self.name, clip_path, processor_path, self.device, self.dtype)
         state = load_state_dict(weights, self.name, "weights")
         embed_dim = int(self.encoder.model.config.projection_dim)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from diffrl_bench.registry import REWARDS
+from diffrl_bench.rewards._common import option
 from diffrl_bench.toy.detector import palette_fidelity, score_batch
 
 
@@ -27,12 +28,12 @@ class ToyGenEvalReward:
     """
 
     name = "toy_geneval"
+    # Without include clauses the detector finds nothing asked for and scores 1.0: such prompts are refused.
+    needs_metadata = ("tag", "include")
 
     def __init__(self, strict_weight: float = 0.5):
-        strict_weight = float(strict_weight)
-        if not 0.0 <= strict_weight <= 1.0:
-            raise ValueError(f"toy_geneval option strict_weight must be in [0, 1], got {strict_weight}")
-        self.strict_weight = strict_weight
+        self.strict_weight = option(self.name, "strict_weight", strict_weight, float, lambda v: 0 <= v <= 1,
+                                    "is not in [0, 1]")
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], metadata: List[Dict[str, Any]]

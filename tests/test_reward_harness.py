@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -99,3 +100,188 @@ def test_threaded_scoring_overlaps_with_the_caller(monkeypatch):
     reward.submit(*_batch()).result()
     reward.close()
     assert seen["thread"].startswith("reward")
+
+
+# ------------------------------------------------------------------------------------------- hangs, NaN, options
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+
+from diffrl_bench.reward_harness import RewardConfigError, build_reward, call_reward  # noqa: E402
+
+
+class _Hanging:
+    """A reward that never answers until the test releases it (a dead reward server, say)."""
+
+    name = "stuck_server"
+
+    def __init__(self, release):
+        self.release = release
+
+    def __call__(self, images, prompts, metadata):
+        self.release.wait()
+        return {self.name: torch.zeros(images.shape[0])}
+
+
+@pytest.mark.parametrize("worker", ["thread", "inline"])
+def test_a_hanging_reward_stops_the_run_naming_it(monkeypatch, worker):
+    release = threading.Event()
+    monkeypatch.setitem(REWARDS._items, "stuck_server", lambda **kw: _Hanging(release))
+    reward = WeightedReward({"stuck_server": 1.0}, worker=worker, timeout_s=0.2)
+    try:
+        with pytest.raises(RewardError) as info:
+            reward.submit(*_batch()).result()
+        assert str(info.value) == ("reward 'stuck_server' did not answer within 0.2 s (reward.timeout_s); the run "
+                                   "stops. A reward server may be down or overloaded")
+        # Nothing more is scored behind the hung call, and closing does not wait for it.
+        with pytest.raises(RewardError, match="reward 'stuck_server' hung earlier"):
+            reward.submit(*_batch())
+        reward.close()
+        assert reward._thread.daemon and reward._thread.is_alive()
+    finally:
+        release.set()
+
+
+def test_the_timeout_covers_a_chunk_queued_behind_the_hung_one(monkeypatch):
+    """The training loop waits on its chunks in order; a later chunk's wait must also notice the hang."""
+    release = threading.Event()
+    monkeypatch.setitem(REWARDS._items, "stuck_server", lambda **kw: _Hanging(release))
+    reward = WeightedReward({"stuck_server": 1.0}, worker="thread", timeout_s=0.2)
+    try:
+        first, second = reward.submit(*_batch()), reward.submit(*_batch())
+        with pytest.raises(RewardError, match="'stuck_server' did not answer"):
+            second.result()
+        with pytest.raises(RewardError, match="'stuck_server' did not answer"):
+            first.result()
+        reward.close()
+    finally:
+        release.set()
+
+
+def test_a_hung_reward_does_not_keep_the_process_alive(tmp_path):
+    """Interpreter exit (after Ctrl-C, or after the timeout error) must not wait on the hung worker thread."""
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import threading, torch\n"
+        "from diffrl_bench.registry import REWARDS\n"
+        "from diffrl_bench.reward_harness import RewardError, WeightedReward\n"
+        "class Forever:\n"
+        "    name = 'forever'\n"
+        "    def __call__(self, images, prompts, metadata):\n"
+        "        threading.Event().wait()\n"
+        "REWARDS._items['forever'] = lambda **kw: Forever()\n"
+        "reward = WeightedReward({'forever': 1.0}, timeout_s=0.2)\n"
+        "try:\n"
+        "    reward.submit(torch.rand(2, 3, 8, 8), ['a', 'b'], [{}, {}]).result()\n"
+        "except RewardError as error:\n"
+        "    print('stopped:', error)\n"
+        "finally:\n"
+        "    reward.close()\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("stopped: reward 'forever' did not answer within 0.2 s")
+
+
+def test_no_timeout_when_disabled(fake_rewards):
+    fake_rewards("r_a", 0.5)
+    reward = WeightedReward({"r_a": 1.0}, worker="thread", timeout_s=0)
+    assert reward.timeout_s is None
+    assert torch.equal(reward(*_batch())["reward"], torch.full((4,), 0.5))
+    reward.close()
+
+
+def test_a_nan_score_names_the_reward_and_the_image(monkeypatch):
+    class NanAtTwo:
+        name = "nan_at_two"
+
+        def __call__(self, images, prompts, metadata):
+            scores = torch.ones(images.shape[0])
+            scores[2] = math.nan
+            return {self.name: scores}
+
+    images, prompts, metadata = _batch()
+    with pytest.raises(RewardError) as info:
+        call_reward("nan_at_two", NanAtTwo(), images, prompts, metadata)
+    assert str(info.value) == "reward 'nan_at_two' returned a non-finite score nan under 'nan_at_two' (image 2, prompt 'p2')"
+
+
+def test_a_non_finite_weight_is_refused_by_key(fake_rewards):
+    fake_rewards("r_a", 0.5)
+    with pytest.raises(RewardConfigError) as info:
+        WeightedReward({"r_a": math.nan}, worker="inline")
+    assert str(info.value) == "bad config key 'reward.components.r_a': weight nan is not a finite number"
+
+
+def test_finite_scores_overflowing_the_weighted_sum_are_caught(fake_rewards):
+    fake_rewards("huge", 3e38)
+    reward = WeightedReward({"huge": 10.0}, worker="inline")
+    with pytest.raises(RewardError, match=r"the weighted reward .* is non-finite \(inf\) for image 0"):
+        reward(*_batch())
+    reward.close()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"strict_weigth": 0.5}, "bad config key 'reward.options.toy_geneval.strict_weigth': reward 'toy_geneval' has no "
+                             "option 'strict_weigth'; its options: ['strict_weight']"),
+    ({"strict_weight": 1.5}, "bad config key 'reward.options.toy_geneval.strict_weight': 1.5 is not in [0, 1]"),
+    ({"strict_weight": "half"}, "bad config key 'reward.options.toy_geneval.strict_weight': 'half' is not a number"),
+    ({"strict_weight": math.nan}, "bad config key 'reward.options.toy_geneval.strict_weight': nan is not a number"),
+])
+def test_bad_reward_options_name_their_key(options, message):
+    with pytest.raises(RewardConfigError) as info:
+        build_reward("toy_geneval", options)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("jpeg_compressibility", {"quality": 2.5}, "'reward.options.jpeg_compressibility.quality': 2.5 is not an integer"),
+    ("jpeg_compressibility", {"quality": 0}, "'reward.options.jpeg_compressibility.quality': 0 is not in 1..100"),
+    ("geneval", {"url": "localhost:18085"}, "'reward.options.geneval.url': 'localhost:18085' is not an http:// URL"),
+    ("geneval", {"partial_mode": "mean"}, "'reward.options.geneval.partial_mode': 'mean' is not one of"),
+    ("ocr", {"case_sensitive": "false"}, "'reward.options.ocr.case_sensitive': 'false' is not true or false"),
+    ("pickscore", {"dtype": "fp16"}, "'reward.options.pickscore.dtype': 'fp16' is not one of"),
+])
+def test_bad_options_of_the_real_rewards_name_their_key(name, options, message):
+    # Checked before any model is loaded: the constructors check options first.
+    with pytest.raises(RewardConfigError, match=re.escape(message)):
+        build_reward(name, options)
+
+
+def test_a_reward_needing_metadata_refuses_a_prompt_without_it_at_call():
+    images, prompts, _ = _batch(2)
+    metadata = [{"tag": "single_object", "include": [{"class": "square", "count": 1}]}, {}]
+    with pytest.raises(RewardError) as info:
+        call_reward("toy_geneval", build_reward("toy_geneval"), images, prompts, metadata)
+    assert str(info.value) == ("reward 'toy_geneval' needs prompt metadata ['tag', 'include']; image 1 (prompt 'p1') "
+                               "has no ['tag', 'include']")
+
+
+def test_ctrl_c_stops_a_process_waiting_on_a_hung_reward(tmp_path):
+    """SIGINT while the caller waits (no timeout set): KeyboardInterrupt, and close + exit do not wait on the worker."""
+    import signal
+
+    script = tmp_path / "wait.py"
+    script.write_text(
+        "import threading, torch\n"
+        "from diffrl_bench.registry import REWARDS\n"
+        "from diffrl_bench.reward_harness import WeightedReward\n"
+        "class Forever:\n"
+        "    name = 'forever'\n"
+        "    def __call__(self, images, prompts, metadata):\n"
+        "        print('scoring', flush=True)\n"
+        "        threading.Event().wait()\n"
+        "REWARDS._items['forever'] = lambda **kw: Forever()\n"
+        "reward = WeightedReward({'forever': 1.0}, timeout_s=0)\n"
+        "try:\n"
+        "    reward.submit(torch.rand(2, 3, 8, 8), ['a', 'b'], [{}, {}]).result()\n"
+        "finally:\n"
+        "    reward.close()\n")
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "scoring\n"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0 and "KeyboardInterrupt" in stderr

@@ -227,7 +227,7 @@ def test_aesthetic_mlp_on_normalised_embeddings(tiny_clip_dir, tmp_path):
         expected = head.eval()(embeds / embeds.norm(dim=-1, keepdim=True))
     assert torch.allclose(scores[0], expected, atol=1e-5) and torch.allclose(scores[1], expected, atol=1e-5)
 
-    with pytest.raises(ValueError, match="option `weights` is required"):
+    with pytest.raises(ValueError, match=r"'reward.options.aesthetic.weights': required"):
         build_reward("aesthetic", {"clip_path": tiny_clip_dir, "device": "cpu"})
     save_file(preference.AestheticMLP(768).state_dict(), str(tmp_path / "l14.safetensors"))
     with pytest.raises(ValueError, match="do not fit the aesthetic MLP on 16-d CLIP embeddings"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -105,6 +105,23 @@ def resolve_model_path(path: str) -> Path:
     return Path(path)
 
 
+def prompt_problem(vocab: Sequence[str], max_tokens: int) -> Callable[[str], Optional[str]]:
+    """What `ToyFlowModel.tokenize` would refuse in a prompt, as a message (None: it tokenizes)."""
+    known = set(vocab)
+
+    def problem(text: str) -> Optional[str]:
+        words = text.split()
+        if len(words) > max_tokens:
+            return f"{len(words)} words; the toy model takes at most {max_tokens}"
+        unknown = [word for word in words if word not in known]
+        if unknown:
+            return (f"word {unknown[0]!r} is not in the toy model's vocabulary ({len(known)} words: "
+                    f"{' '.join(sorted(known))})")
+        return None
+
+    return problem
+
+
 def load_toy_model(path: str | Path) -> ToyFlowModel:
     """Load a toy model saved by `save_toy_model` (safetensors only: no pickled code is ever loaded)."""
     from safetensors.torch import load_file
@@ -132,6 +149,16 @@ class ToyBackend(SnapshotPolicy):
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         return self.core.tokenize(prompts).to(self.device)
+
+    @staticmethod
+    def prompt_checker(path: str = "builtin:toy_base") -> Callable[[str], Optional[str]]:
+        """Checks prompts against the model at `path` from its config.json alone (no weights are loaded), so
+        prompt files are checked before any model is built (diffrl_bench.prompts.validate_prompt_sources)."""
+        config_file = resolve_model_path(str(path)) / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"toy model file {config_file} is missing (model.path={path!r})")
+        raw = json.loads(config_file.read_text())["model"]
+        return prompt_problem(raw["vocab"], raw.get("max_tokens", ToyModelConfig.max_tokens))
 
     def null_condition(self, batch_size: int) -> torch.Tensor:
         return self.core.tokenize([""] * batch_size).to(self.device)
