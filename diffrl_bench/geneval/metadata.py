@@ -68,4 +68,3 @@ def validate_metadata(record: Any, require_prompt: bool = True) -> Dict[str, Any
     for i, clause in enumerate(exclude):
         _check_clause(clause, f"exclude[{i}]", _EXCLUDE_KEYS, 0)
     return record
-
