@@ -7,14 +7,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from diffrl_bench.console import setup_logging
+
 log = logging.getLogger("diffrl_bench")
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("accelerate", "diffusers", "urllib3", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def cmd_train(args) -> int:
@@ -221,7 +216,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in item or item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     from diffrl_bench.config import ConfigError
 
     try:

@@ -17,6 +17,15 @@ BUDGET_PHASES = ("rollout", "reward", "train")
 
 
 class CostLedger:
+    """What one run has spent so far, per phase: wall seconds, NFEs, and the training images generated.
+
+    The Trainer times each phase with `phase(name)` (or adds a measured wait with `add_time`) and counts NFEs and
+    images as it goes; every count is cumulative over the run. `columns()` turns the totals into the metrics
+    table's `cost/*` columns (device-seconds, GPU-hours and NFEs of the budget phases), and `state_dict` /
+    `load_state_dict` carry them through a checkpoint, rescaled when a run resumes on another world size.
+    Each second of wall time is charged to `world_size` devices, plus `reward_server_devices` in the budget phases.
+    """
+
     def __init__(self, world_size: int = 1, device_kind: str = "cpu", reward_server_devices: int = 0):
         self.world_size = world_size
         # Devices held by an external reward server (e.g. GenEval's detector) are busy for the whole run: they are

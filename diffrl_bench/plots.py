@@ -11,6 +11,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+FIGURE_DPI = 110
+# Scores lie in [0, 1]; the small margin above keeps a curve at 1 off the frame.
+SCORE_YLIM = (0, 1.02)
+# Steps in the rolling mean that smooths the per-step training reward.
+REWARD_SMOOTHING_STEPS = 20
+
 
 def plot_reward_vs_cost(frame, path: Path, headline: str, heldout: Sequence[str] = (), title: str = "") -> Path:
     """Eval headline (and held-out metrics) against device-hours, with the training reward in a second panel."""
@@ -24,7 +30,7 @@ def plot_reward_vs_cost(frame, path: Path, headline: str, heldout: Sequence[str]
                 left.plot(evals[hours], evals[key], "s--", label=key.replace("eval/", "") + " (held-out metric)")
     left.set_xlabel("device-hours (world size x wall; GPU-hours on GPUs)")
     left.set_ylabel("score")
-    left.set_ylim(0, 1.02)
+    left.set_ylim(*SCORE_YLIM)
     left.grid(alpha=0.3)
     if left.get_legend_handles_labels()[0]:
         left.legend(fontsize=8, loc="lower right")
@@ -32,7 +38,8 @@ def plot_reward_vs_cost(frame, path: Path, headline: str, heldout: Sequence[str]
     if "reward/mean" in frame:
         train = frame.dropna(subset=["reward/mean"])
         right.plot(train[hours], train["reward/mean"], alpha=0.3, label="per step")
-        right.plot(train[hours], train["reward/mean"].rolling(20, min_periods=1).mean(), label="rolling mean (20)")
+        right.plot(train[hours], train["reward/mean"].rolling(REWARD_SMOOTHING_STEPS, min_periods=1).mean(),
+                   label=f"rolling mean ({REWARD_SMOOTHING_STEPS})")
     right.set_xlabel("device-hours")
     right.set_ylabel("training reward")
     right.grid(alpha=0.3)
@@ -42,7 +49,7 @@ def plot_reward_vs_cost(frame, path: Path, headline: str, heldout: Sequence[str]
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=FIGURE_DPI)
     plt.close(fig)
     return path
 
@@ -62,6 +69,6 @@ def save_image_grid(images: torch.Tensor, prompts: List[str], path: Path, per_pr
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=FIGURE_DPI)
     plt.close(fig)
     return path

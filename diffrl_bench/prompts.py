@@ -106,7 +106,7 @@ def _lines(path: str, key: str) -> Iterator[Tuple[int, str]]:
 
 
 def _load_geneval(path: str, key: str) -> List[Prompt]:
-    from diffrl_bench.geneval_server import MetadataError, validate_metadata
+    from diffrl_bench.geneval import MetadataError, validate_metadata
 
     prompts = []
     for number, text in _lines(path, key):

@@ -11,6 +11,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Dict, List
 
+from diffrl_bench.fileio import atomic_write
+
 TRACKED_PACKAGES = ("diffrl-bench", "torch", "diffusers", "transformers", "accelerate", "peft", "deepspeed",
                     "omegaconf", "numpy", "pandas")
 
@@ -43,10 +45,8 @@ class MetricsLog:
         kept = [r for r in rows if r.get("step", -1) <= step]
         if not self.writable:
             return len(rows) - len(kept)
-        # Rewrite through a temporary file: a kill mid-write must not lose the rows being kept.
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        # Rewritten atomically: a kill mid-write must not lose the rows being kept.
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         return len(rows) - len(kept)
 
     def has_eval_at(self, step: int) -> bool:

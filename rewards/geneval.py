@@ -1,4 +1,4 @@
-"""GenEval reward: an HTTP client of the GenEval server (diffrl_bench/geneval_server.py), which runs the detector
+"""GenEval reward: an HTTP client of the GenEval server (diffrl_bench/geneval/), which runs the detector
 in its own process and environment."""
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 from PIL import Image
 
-from diffrl_bench.geneval_server import PARTIAL_MODES, MetadataError, validate_metadata
+from diffrl_bench.geneval import PARTIAL_MODES, MetadataError, validate_metadata
 from diffrl_bench.registry import REWARDS
 from diffrl_bench.rewards._common import check_images, option, to_uint8_hwc
 
-_START_HINT = ("start it in the GenEval environment: python -m diffrl_bench.geneval_server --port PORT "
+_START_HINT = ("start it in the GenEval environment: python -m diffrl_bench.geneval --port PORT "
                "--backend mask2former --option config=... --option checkpoint=... --option class_names=...")
 
 

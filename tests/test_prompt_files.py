@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from diffrl_bench.geneval_server import validate_metadata
+from diffrl_bench.geneval import validate_metadata
 from diffrl_bench.prompts import PromptFileError, load_prompts, quoted_target
 
 DATA = Path(__file__).parent / "data" / "prompts"

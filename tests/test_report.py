@@ -375,7 +375,7 @@ def test_ablation_errors_name_the_arm_and_the_key(tmp_path):
 
 def test_evaluated_weights_are_stated_and_a_mismatch_is_flagged(tmp_path):
     def run(arm, seed, eval_cfg):
-        return report.Run(arm=arm, seed=seed, path=tmp_path, frame=pd.DataFrame(), config={"eval": eval_cfg})
+        return report.RunResult(arm=arm, seed=seed, path=tmp_path, frame=pd.DataFrame(), config={"eval": eval_cfg})
 
     old = run("a", 0, {"every": 5})  # a run written before the evaluation EMA existed
     assert report.evaluated_weights([old, run("b", 0, {"ema_decay": 0.0})]) == "Evaluated weights: theta, for every arm."

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from diffrl_bench import geneval_server as gs
+from diffrl_bench import geneval as gs
 from diffrl_bench.registry import REWARDS
 from diffrl_bench.reward_harness import build_reward, call_reward
 from diffrl_bench.rewards import preference
@@ -576,7 +576,7 @@ def test_geneval_client_splits_requests_to_the_server_limits(server, monkeypatch
 
 def test_server_process_binds_loopback(tmp_path):
     (tmp_path / "fake_geneval_backend.py").write_text(
-        "from diffrl_bench.geneval_server import Backend\n"
+        "from diffrl_bench.geneval import Backend\n"
         "class Empty(Backend):\n"
         "    name = 'empty'\n"
         "    def __init__(self, note='none'):\n"
@@ -584,7 +584,7 @@ def test_server_process_binds_loopback(tmp_path):
         "    def detect(self, images):\n"
         "        return [[] for _ in images]\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "diffrl_bench.geneval_server", "--port", "0", "--quiet",
+    proc = subprocess.Popen([sys.executable, "-m", "diffrl_bench.geneval", "--port", "0", "--quiet",
                              "--backend", "fake_geneval_backend:Empty", "--option", "note=hi"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     try:

@@ -1,0 +1,69 @@
+"""`diffrl-bench report RESULTS_DIR` (also `python -m diffrl_bench.report`): options, printout, exit status."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from diffrl_bench.report.analysis import analyse
+from diffrl_bench.report.errors import ReportError
+from diffrl_bench.report.output import write_analysis
+from diffrl_bench.report.wording import format_threshold
+
+DESCRIPTION = "Head-to-head report over a results directory: `diffrl-bench report RESULTS_DIR`."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the report options to `parser` (the standalone parser or a `diffrl-bench` subcommand)."""
+    parser.add_argument("results_dir", metavar="RESULTS_DIR",
+                        help="folder scanned recursively for run folders (each with metrics.csv)")
+    parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: RESULTS_DIR/report)")
+    parser.add_argument("--baseline", default=None, metavar="ARM",
+                        help="arm the speedups are measured against (default: the arm named like flow_grpo, "
+                             "else the first arm alphabetically)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--threshold", type=float, default=None,
+                       help="score to reach (default: --threshold-fraction x the best arm's mean final score)")
+    group.add_argument("--threshold-fraction", type=float, default=0.9,
+                       help="fraction of the best arm's mean final score used as the default threshold (0.9)")
+    parser.add_argument("--metric", default=None, metavar="COLUMN",
+                        help="headline eval column (default: eval/<first eval reward>.strict.task_mean, else "
+                             ".task_mean, else the plain column)")
+    parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (2000)")
+    parser.add_argument("--level", type=float, default=0.95, help="confidence level of every interval (0.95)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (0)")
+    parser.add_argument("--by", nargs="*", default=None, metavar="KEY",
+                        help="ablation: tabulate the final score by these config keys (default: the sweep spec's "
+                             "`ablate` keys from RESULTS_DIR/sweep.json; --by with no key: no ablation table)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """RunResult the report for parsed arguments; prints where it went and the head-to-head sentences.
+
+    Returns 0, or 2 after printing the error when the results cannot be reported on.
+    """
+    try:
+        analysis = analyse(args.results_dir, baseline=args.baseline, threshold=args.threshold,
+                           threshold_fraction=args.threshold_fraction, metric=args.metric, n_boot=args.n_boot,
+                           seed=args.seed, level=args.level, ablate=args.by)
+        report = write_analysis(analysis, args.out)
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"report: {report}")
+    print(f"threshold {format_threshold(analysis.threshold)} on {analysis.headline}, baseline {analysis.baseline}")
+    for sentence in analysis.sentences:
+        print(f"- {sentence}")
+    if analysis.ablation_effects is not None:
+        print("ablation (mean final score over the arms with each value):")
+        for _, r in analysis.ablation_effects.iterrows():
+            print(f"  {r['key']} = {r['value']}: {r['mean_final_reward']:.3f} over {r['arms']} arms")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`diffrl-bench report` as a standalone program (also `python -m diffrl_bench.report`)."""
+    parser = argparse.ArgumentParser(prog="diffrl-bench report", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,199 @@
+"""Loading runs: every run folder under a results directory as a `RunResult` (arm, seed, metrics, config), and
+the eval columns the report reads from them."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import pandas as pd
+
+from diffrl_bench.ledger import PHASES
+from diffrl_bench.report.errors import MissingColumnError, NoRunsError, ReportError
+
+# (column, axis label with unit, file/column stem); every run must have these columns.
+AXES = (
+    ("cost/gpu_hours", "GPU-hours (device-hours: world size x wall; rollout + reward + train)", "gpu_hours"),
+    ("cost/nfe", "NFEs (network evaluations per sample; rollout + reward + train)", "nfe"),
+    ("train/optimizer_steps", "optimizer steps", "optimizer_steps"),
+)
+# Costs to threshold are reported in these two units (the papers' units).
+COST_UNITS = (("cost/gpu_hours", "gpu_hours", "GPU-hours"), ("cost/nfe", "nfe", "NFEs"))
+
+
+@dataclass
+class RunResult:
+    """One seed of one arm: its directory, its metrics table (sorted by step) and its eval rewards."""
+
+    arm: str
+    seed: int
+    path: Path
+    frame: pd.DataFrame
+    eval_rewards: List[str] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    """the run's config.yaml as written (empty when there is none)"""
+
+    def eval_points(self, column: str) -> pd.DataFrame:
+        """Eval rows (where `column` has a value) with the cost axes, in step order."""
+        rows = self.frame[self.frame[column].notna()]
+        return rows[["step", column] + [axis for axis, _, _ in AXES]]
+
+
+_SEED_SUFFIX = re.compile(r"_seed(\d+)$")
+
+
+def _read_config(path: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    except Exception as error:  # noqa: BLE001 - any parse failure is reported with the file's name
+        raise ReportError(f"cannot read {path}: {error}") from error
+
+
+def _run_identity(directory: Path, config: dict) -> Tuple[str, int]:
+    arm_file = directory / "arm.json"
+    if arm_file.exists():
+        try:
+            info = json.loads(arm_file.read_text())
+            return str(info["arm"]), int(info["seed"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise ReportError(f"{arm_file}: expected {{\"arm\": str, \"seed\": int}}: {error}") from error
+    name = str(config.get("name") or directory.name)
+    arm = _SEED_SUFFIX.sub("", name)
+    seed = (config.get("train") or {}).get("seed")
+    if seed is None:
+        match = _SEED_SUFFIX.search(name)
+        if match is None:
+            raise ReportError(f"{directory}: no arm.json and no train.seed in config.yaml; cannot tell its seed")
+        seed = match.group(1)
+    return arm, int(seed)
+
+
+def _prepare_frame(frame: pd.DataFrame, directory: Path) -> pd.DataFrame:
+    if "step" not in frame:
+        raise MissingColumnError(f"{directory / 'metrics.csv'} has no 'step' column")
+    frame = frame.sort_values("step", kind="stable").reset_index(drop=True)
+    for column, _, _ in AXES:
+        if column not in frame:
+            raise MissingColumnError(f"run {directory} has no column {column!r} in metrics.csv")
+    # The step-0 eval row precedes any optimizer step, so its NaN count means 0; cost columns are cumulative, so
+    # a gap carries the previous total forward.
+    cumulative = [c for c in frame.columns if c.startswith("cost/")] + ["train/optimizer_steps"]
+    frame[cumulative] = frame[cumulative].ffill().fillna(0.0)
+    return frame
+
+
+def load_runs(results_dir) -> List[RunResult]:
+    """Every run under `results_dir` (recursively: each folder with a `metrics.csv`), sorted by arm and seed.
+
+    The arm and seed come from `arm.json` when present, else from config.yaml: `name` without a trailing
+    `_seed<N>`, and `train.seed`. Raises `NoRunsError` if there is none and `ReportError` if two runs claim the
+    same arm and seed.
+    """
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise NoRunsError(f"results directory {root} does not exist")
+    runs: List[RunResult] = []
+    seen: Dict[Tuple[str, int], Path] = {}
+    for metrics in sorted(root.rglob("metrics.csv")):
+        directory = metrics.parent
+        config_path = directory / "config.yaml"
+        config = _read_config(config_path) if config_path.exists() else {}
+        arm, seed = _run_identity(directory, config)
+        if (arm, seed) in seen:
+            raise ReportError(f"runs {seen[(arm, seed)]} and {directory} are both arm {arm!r} seed {seed}; "
+                              "a seed counted twice would shrink the intervals")
+        seen[(arm, seed)] = directory
+        try:
+            frame = pd.read_csv(metrics)
+        except (ValueError, OSError) as error:
+            raise ReportError(f"cannot read {metrics}: {error}") from error
+        rewards = list((config.get("eval") or {}).get("rewards") or [])
+        runs.append(RunResult(arm, seed, directory, _prepare_frame(frame, directory), rewards, config))
+    if not runs:
+        raise NoRunsError(f"no runs under {root}: no folder there holds a metrics.csv")
+    runs.sort(key=lambda r: (r.arm, r.seed))
+    return runs
+
+
+def _metric_for(reward: str, runs: Sequence[RunResult]) -> Optional[str]:
+    # The first form that some run has wins; every run is then held to that same column, because mixing the
+    # strict and partial-credit forms across arms would compare different scores.
+    for column in (f"eval/{reward}.strict.task_mean", f"eval/{reward}.task_mean", f"eval/{reward}"):
+        if any(column in r.frame and r.frame[column].notna().any() for r in runs):
+            return column
+    return None
+
+
+def resolve_metrics(runs: Sequence[RunResult], metric: Optional[str] = None) -> Tuple[str, List[str], List[str]]:
+    """The headline column, the held-out columns every run has, and notes on held-out metrics left out.
+
+    Default headline: for the training reward (first of `eval.rewards`) the first of
+    `eval/<r>.strict.task_mean`, `eval/<r>.task_mean`, `eval/<r>` that exists; held-out metrics likewise for
+    the other eval rewards. `metric` overrides the headline (with or without the `eval/` prefix). Raises
+    `MissingColumnError` naming the run and column when a run lacks the headline.
+    """
+    notes: List[str] = []
+    firsts = sorted({r.eval_rewards[0] for r in runs if r.eval_rewards})
+    if metric is not None:
+        headline = metric
+        if not any(metric in r.frame for r in runs) and any(f"eval/{metric}" in r.frame for r in runs):
+            headline = f"eval/{metric}"
+    else:
+        if not firsts:
+            raise ReportError("no run's config.yaml lists eval.rewards; pass --metric COLUMN")
+        if len(firsts) > 1:
+            raise ReportError(f"runs are evaluated on different first rewards {firsts}; pass --metric COLUMN")
+        headline = _metric_for(firsts[0], runs) or f"eval/{firsts[0]}.strict.task_mean"
+    for run in runs:
+        if headline not in run.frame or not run.frame[headline].notna().any():
+            raise MissingColumnError(f"run {run.path} has no values in headline column {headline!r}")
+    heldout: List[str] = []
+    others: List[str] = []
+    for run in runs:
+        for reward in run.eval_rewards[1:]:
+            if reward not in others:
+                others.append(reward)
+    for reward in others:
+        column = _metric_for(reward, runs)
+        if column is None or column == headline:
+            continue
+        lacking = [str(r.path) for r in runs if column not in r.frame or not r.frame[column].notna().any()]
+        if lacking:
+            notes.append(f"held-out metric {column} left out: missing in {', '.join(lacking)}")
+        else:
+            heldout.append(column)
+    return headline, heldout, notes
+
+
+# A config key that is absent (None is a value a config may hold).
+MISSING = object()
+
+
+def config_value(config: dict, key: str):
+    """The value at a dotted `key` of a nested config dict, or `MISSING`."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return MISSING
+        node = node[part]
+    return node
+
+
+def phase_breakdown(frame: pd.DataFrame) -> Dict[str, float]:
+    """Device-hours per phase (rollout, reward, train, eval) from the last row of a run's metrics table.
+
+    Cost columns are cumulative, so the last row holds the run's totals; a phase column that is missing gives
+    NaN. Eval is returned too but is not part of the budget.
+    """
+    out = {}
+    for phase in PHASES:
+        column = f"cost/{phase}_device_s"
+        if column in frame and frame[column].notna().any():
+            out[phase] = float(frame[column].ffill().iloc[-1]) / 3600.0
+        else:
+            out[phase] = float("nan")
+    return out

@@ -1,0 +1,207 @@
+"""Executing a sweep's runs: in this process one after another, as submitit local jobs on disjoint device groups,
+or as one Slurm job array; a progress bar over runs; `execute` skips what is done or running elsewhere."""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections import Counter
+from typing import Any, Dict, List, Optional, Sequence
+
+from diffrl_bench.sweep.job import RunJob, run_job
+from diffrl_bench.sweep.spec import Spec, SweepError, SweepRun, spec_error
+from diffrl_bench.sweep.state import DONE, FAILED, FAILED_FILE, RUNNING, status_of
+
+log = logging.getLogger("diffrl_bench.sweep")
+
+# submitit's local executor kills a job after 2 minutes unless told otherwise; a training run takes far longer.
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60
+
+
+class Progress:
+    """A tqdm bar over runs with counts, plus a log line per run start and finish."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.counts: Counter = Counter()
+        self.lock = threading.Lock()
+        self.bar = tqdm(total=total, unit="run", desc="sweep", disable=not enabled, dynamic_ncols=True)
+
+    def _refresh(self) -> None:
+        self.bar.set_postfix_str(", ".join(f"{k} {self.counts[k]}" for k in (DONE, "active", FAILED, RUNNING)
+                                           if self.counts[k]))
+
+    def already(self, run: SweepRun, status: str) -> None:
+        with self.lock:
+            self.counts[status] += 1
+            if status == RUNNING:
+                log.info("skip %s: another process is running it (its lock is held)", run.id)
+            self.bar.update(1)
+            self._refresh()
+
+    def started(self, run: SweepRun, how: str) -> None:
+        with self.lock:
+            self.counts["active"] += 1
+            log.info("start %s (%s)", run.id, how)
+            self._refresh()
+
+    def finished(self, run: SweepRun, result: Dict[str, Any]) -> None:
+        with self.lock:
+            self.counts["active"] -= 1
+            status = result["status"]
+            self.counts[status] += 1
+            if status == DONE:
+                log.info("done %s in %.1f s", run.id, result.get("seconds", 0.0))
+            elif status == RUNNING:
+                log.info("skip %s: another process took it first", run.id)
+            else:
+                log.error("FAILED %s: %s (details in %s)", run.id, result.get("error"), run.out / FAILED_FILE)
+            self.bar.update(1)
+            self._refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _visible_devices() -> List[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - no torch CUDA at all means no devices
+        return []
+
+
+def device_groups(devices: Sequence[str], per_job: int) -> List[str]:
+    """Disjoint CUDA_VISIBLE_DEVICES strings of `per_job` devices each (e.g. ["0,1", "2,3"])."""
+    return [",".join(devices[i:i + per_job]) for i in range(0, len(devices) - per_job + 1, per_job)]
+
+
+def _job(spec: Spec, run: SweepRun, devices: Optional[str] = None) -> RunJob:
+    e = spec.executor
+    return RunJob(run=run, launcher=e.launcher, num_processes=e.num_processes, launcher_args=e.launcher_args,
+                  devices=devices)
+
+
+def _submitit_error(spec: Spec, error: Exception) -> SweepError:
+    return spec_error(spec.path, "executor.parameters", f"submitit refused them: {error}")
+
+
+def _execute_sequential(spec: Spec, runs: Sequence[SweepRun], progress: Progress) -> None:
+    for run in runs:
+        progress.started(run, "in this process" if spec.executor.launcher == "python" else "accelerate launch")
+        progress.finished(run, run_job(_job(spec, run)))
+
+
+def _execute_local(spec: Spec, runs: Sequence[SweepRun], progress: Progress) -> None:
+    """submitit's local executor, at most `parallel` jobs at a time, each on its own device group."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    import submitit
+
+    per_job = spec.executor.num_processes if spec.executor.launcher == "accelerate" else 1
+    groups = device_groups(_visible_devices(), per_job)
+    parallel = spec.executor.parallel or max(1, len(groups))
+    executor = submitit.AutoExecutor(folder=spec.results_dir / "submitit", cluster="local")
+    try:
+        executor.update_parameters(**{"timeout_min": LOCAL_TIMEOUT_MIN, **spec.executor.parameters})
+    except (NameError, AssertionError, ValueError) as error:
+        raise _submitit_error(spec, error) from None
+    # One token per concurrent job; with more jobs than device groups, groups are shared round-robin.
+    slots: "queue.Queue[Optional[str]]" = queue.Queue()
+    for i in range(parallel):
+        slots.put(groups[i % len(groups)] if groups else None)
+    submit_lock = threading.Lock()
+    jobs = []
+
+    def work(run: SweepRun) -> Dict[str, Any]:
+        devices = slots.get()
+        try:
+            with submit_lock:
+                job = executor.submit(run_job, _job(spec, run, devices))
+                jobs.append(job)
+            where = f"local job {job.job_id}" + (f", CUDA_VISIBLE_DEVICES={devices}" if devices else "")
+            progress.started(run, where)
+            try:
+                return job.result()
+            except Exception as error:  # noqa: BLE001 - the job process died (killed, out of memory)
+                return {"run": run.id, "status": FAILED, "error": f"job {job.job_id} died: {error}"}
+        finally:
+            slots.put(devices)
+
+    pool = ThreadPoolExecutor(max_workers=parallel)
+    try:
+        futures = {pool.submit(work, run): run for run in runs}
+        for future in as_completed(futures):
+            progress.finished(futures[future], future.result())
+    except KeyboardInterrupt:
+        # Local job processes outlive this one unless told to stop.
+        for job in list(jobs):
+            job.cancel(check=False)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def _execute_slurm(spec: Spec, runs: Sequence[SweepRun], progress: Progress) -> None:
+    """One Slurm job array through submitit; this process only waits for the jobs (killing it leaves them be)."""
+    import submitit
+    from submitit.helpers import as_completed, clean_env
+
+    cluster = spec.executor.cluster
+    try:
+        executor = submitit.AutoExecutor(folder=spec.results_dir / "submitit", cluster=cluster)
+        parameters = dict(spec.executor.parameters)
+        if spec.executor.parallel:
+            parameters.setdefault("slurm_array_parallelism", spec.executor.parallel)
+        if cluster == "local":
+            parameters.setdefault("timeout_min", LOCAL_TIMEOUT_MIN)
+        executor.update_parameters(**parameters)
+    except (NameError, AssertionError, ValueError, RuntimeError) as error:
+        raise _submitit_error(spec, error) from None
+    # A sweep started inside a Slurm allocation must not hand its SLURM_* variables to the jobs it submits.
+    with clean_env():
+        with executor.batch():
+            jobs = [executor.submit(run_job, _job(spec, run)) for run in runs]
+    by_job = {}
+    for job, run in zip(jobs, runs):
+        by_job[id(job)] = run
+        progress.started(run, f"{cluster} job {job.job_id}")
+    for job in as_completed(jobs, poll_frequency=30 if cluster == "slurm" else 0.5):
+        run = by_job[id(job)]
+        try:
+            result = job.result()
+        except Exception as error:  # noqa: BLE001 - the job died or was cancelled
+            result = {"run": run.id, "status": FAILED, "error": f"job {job.job_id}: {error}"}
+        progress.finished(run, result)
+
+
+EXECUTORS = {"sequential": _execute_sequential, "local": _execute_local, "slurm": _execute_slurm}
+
+
+def execute(spec: Spec, runs: Sequence[SweepRun], progress: bool = True) -> Counter:
+    """SweepRun what is not done yet; returns the final count per status."""
+    bar = Progress(len(runs), progress)
+    todo = []
+    for run in runs:
+        status = status_of(run)
+        if status in (DONE, RUNNING):
+            bar.already(run, status)
+        else:
+            todo.append(run)
+    log.info("sweep %s: %d runs, %d to run (%s executor) -> %s", spec.name, len(runs), len(todo),
+             spec.executor.kind, spec.results_dir)
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():
+            if todo:
+                EXECUTORS[spec.executor.kind](spec, todo, bar)
+    finally:
+        bar.close()
+    return bar.counts
