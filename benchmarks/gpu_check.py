@@ -164,7 +164,7 @@ class Recorder:
 
         def recorded_decode(latents):
             if self.enabled:
-                self.calls.append(Call(self.phase, "decode", tuple(latents.shape)))
+                self.calls.append(Call(self.phase, "decode", tuple(latents.shape), snapshot=""))
             return decode(latents)
 
         policy.velocity, policy.decode = recorded_velocity, recorded_decode
@@ -353,7 +353,7 @@ def summary_line(row: Dict[str, Any]) -> str:
           (f", {vs_matmul['step']:.1%} of matmul" if vs_matmul else "")
     return (f"{row['algorithm']:>10}  peak {row['peak_memory_gb']:.2f} GB  rollout {row['rollout_images_per_s']:.2f} "
             f"img/s  train {row['train_samples_per_s']:.2f} samples/s  overhead x{row['overhead']['ratio']:.3f}  "
-            f"{row['flops']['total'] / 1e12:.2f} TFLOP/step  {mfu}")
+            f"{row['flops']['total'] / 1e12:.4g} TFLOP/step  {mfu}")
 
 
 def main(argv=None) -> Dict[str, Any]:

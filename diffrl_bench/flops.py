@@ -74,16 +74,16 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def _condition_signature(cond: Any) -> Hashable:
+def condition_signature(cond: Any) -> Hashable:
     """Per-sample shapes and dtypes of a condition (a tensor, a dict / tuple of them, or None)."""
     if cond is None:
         return None
     if isinstance(cond, torch.Tensor):
         return (tuple(cond.shape[1:]), str(cond.dtype))
     if isinstance(cond, dict):
-        return tuple((k, _condition_signature(v)) for k, v in sorted(cond.items()))
+        return tuple((k, condition_signature(v)) for k, v in sorted(cond.items()))
     if isinstance(cond, (tuple, list)):
-        return tuple(_condition_signature(v) for v in cond)
+        return tuple(condition_signature(v) for v in cond)
     raise TypeError(f"cannot take the shape of a condition of type {type(cond).__name__}")
 
 
@@ -92,7 +92,7 @@ class FlopMeter:
 
     `network` is a policy with `velocity(x, sigma, cond, snapshot=, cfg_scale=)` (and `decode` for `decode_flops`)
     or any callable `network(x, sigma, cond)`. Counts are of theta's network: the harness's snapshots share its
-    architecture (under LoRA `ref` skips the adapters, a fraction of a percent of the FLOPs).
+    architecture (under LoRA `ref` skips the adapters: about 2% of the FLOPs of SD3.5-M at r 32).
     """
 
     def __init__(self, network: Any):
@@ -118,7 +118,7 @@ class FlopMeter:
 
     def per_sample_forward(self, x_shape: Sequence[int], cond: Any = None, dtype: torch.dtype = torch.float32) -> int:
         """FLOPs of one network call on one sample of shape `x_shape[1:]` with `cond`'s per-sample shapes."""
-        key = ("forward", tuple(x_shape[1:]), _condition_signature(cond))
+        key = ("forward", tuple(x_shape[1:]), condition_signature(cond))
 
         def run():
             device = self._device()
