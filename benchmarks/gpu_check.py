@@ -20,7 +20,7 @@ reports from the last step (the first one warms kernels and caches up):
 
 A failing algorithm (e.g. out of memory) is recorded with its error and the next one runs. Usage:
 
-    python benchmarks/gpu_check.py --out results/gpu_check.json                  # one H100/H200, about 5 minutes
+    python benchmarks/gpu_check.py --out results/gpu_check.json --time-limit 420 # one H100/H200
     python benchmarks/gpu_check.py --tiny --out /tmp/gpu_check_tiny.json         # the same path on CPU, tiny SD3
     python benchmarks/gpu_check.py --algorithms nft,flow_grpo --steps 2 [key=value ...]
 """
@@ -338,6 +338,8 @@ def parse_args(argv=None):
     parser.add_argument("--chunk", type=int, default=0, help="rollout chunk size (0: the whole step)")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads with --tiny (1: small ops under contention run far slower on 2)")
+    parser.add_argument("--time-limit", type=float, default=0.0,
+                        help="seconds; algorithms not started by then are recorded as skipped (0: no limit)")
     parser.add_argument("--no-matmul", action="store_true", help="skip the matmul rate measurement")
     parser.add_argument("--out", default="", help="write the JSON here")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, applied to every algorithm")
@@ -346,7 +348,7 @@ def parse_args(argv=None):
 
 def summary_line(row: Dict[str, Any]) -> str:
     if row["status"] != "ok":
-        return f"{row['algorithm']:>10}  FAILED: {row['error']}"
+        return f"{row['algorithm']:>10}  {row['status'].upper()}: {row['error']}"
     vs_peak = row["mfu"]["vs_peak"]
     vs_matmul = row["mfu"]["vs_matmul"]
     mfu = (f"MFU {vs_peak['step']:.1%} of peak" if vs_peak else "MFU vs peak n/a") + \
@@ -382,6 +384,13 @@ def main(argv=None) -> Dict[str, Any]:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         for algorithm in algorithms:
+            elapsed = time.perf_counter() - started
+            if args.time_limit and elapsed >= args.time_limit:
+                row = {"algorithm": algorithm, "status": "skipped",
+                       "error": f"--time-limit {args.time_limit:g} s reached after {elapsed:.0f} s"}
+                report["algorithms"][algorithm] = row
+                print(summary_line(row), flush=True)
+                continue
             try:
                 row = check_algorithm(algorithm, args, Path(tmp), device, info)
             except Exception as error:  # one algorithm's failure (OOM, a bug) must not stop the others

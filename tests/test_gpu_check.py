@@ -110,3 +110,9 @@ def test_flop_totals_are_flops_py_counts_times_calls(report, algorithm):
     # the rollout's calls: one per sampler step on the whole step's batch (one chunk), CFG doubled inside the count
     rollout = [c for c in row["calls"] if c["phase"] == "rollout" and c["kind"] == "velocity"]
     assert sum(c["calls"] for c in rollout) == row["config"]["num_steps"]
+
+
+def test_algorithms_past_the_time_limit_are_recorded_as_skipped(tmp_path):
+    report = load_script().main(["--tiny", "--no-matmul", "--algorithms", "nft,awm", "--time-limit", "1e-9"])
+    assert [row["status"] for row in report["algorithms"].values()] == ["skipped", "skipped"]
+    assert list(report["algorithms"]) == ["nft", "awm"]
