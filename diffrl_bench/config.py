@@ -105,6 +105,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """How an RL run trains: its length and budgets, how each rollout batch is cut into optimizer steps and
+    micro-batches, the seed of its random streams, and the device and precision it runs on."""
+
     steps: int = 300
     """RL steps (one rollout batch and its optimizer updates each)"""
     budget_gpu_hours: float = 0.0
