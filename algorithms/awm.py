@@ -7,18 +7,22 @@ code wraps this in a PPO ratio `exp(l - sg(l))`, which is exactly 1 on-policy (i
 velocity-space anchors keep the policy close: a KL to the frozen base and a KL to a lagged (ema) copy of the policy.
 
 Tensors are time-major, `(T, B, ...)`: index `[k, i]` is training time k of sample i, which is the order in which the
-original flattens the pairs (row `k * B + i`). The pure function is `awm_loss`; the parity runner for kind `awm_loss`
-sits below it.
+original flattens the pairs (row `k * B + i`). The pure function is `awm_loss` (its parity runner is in
+algorithms/parity_runners.py).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 
-from diffrl_bench.algorithms.weighting import mean_chw
-from diffrl_bench.parity import case_tensor, register_parity_kind, to_numpy
+from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem, require
+from diffrl_bench.algorithms.checks import check_decays, check_time_distribution, check_training_times
+from diffrl_bench.flow import mean_chw
+from diffrl_bench.registry import ALGORITHMS
+from diffrl_bench.schedules import decay_schedule
+from diffrl_bench.timesteps import sample_train_times
 
 AWM_WEIGHTINGS = ("ghuber", "Uniform", "t", "t**2", "huber")
 AWM_LOSS_TYPES = ("exp_first", "sum_first")
@@ -189,34 +193,9 @@ def awm_loss(
     return loss, {name: value.detach() for name, value in metrics.items()}
 
 
-@register_parity_kind("awm_loss")
-def _run_awm_loss(case: dict) -> Dict[str, np.ndarray]:
-    params = case["params"]
-    v_theta = case_tensor(case, "v_theta").clone().requires_grad_(True)
-    loss, metrics = awm_loss(
-        v_theta, case_tensor(case, "v_ref"), case_tensor(case, "v_ema"), case_tensor(case, "x0"),
-        case_tensor(case, "eps"), case_tensor(case, "t"), case_tensor(case, "advantages"),
-        weighting=params.get("weighting", "ghuber"), ghuber_power=float(params.get("ghuber_power", 0.25)),
-        beta=float(params["beta"]), ema_beta=float(params.get("ema_beta", 1.0)),
-        adv_clip_max=float(params.get("adv_clip_max", 5.0)),
-        advantage_max=None if params.get("advantage_max", 1.0) is None else float(params.get("advantage_max", 1.0)),
-        clip_range=float(params.get("clip_range", 1.0)), loss_type=params.get("loss_type", "exp_first"),
-        kl_weight=params.get("kl_weight", "Uniform"), kl_ema_weight=params.get("kl_ema_weight", "Uniform"),
-    )
-    (grad,) = torch.autograd.grad(loss, v_theta)
-    return to_numpy({**metrics, "grad_v_theta": grad})
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The plugin: what AWM asks of the harness.
 # ---------------------------------------------------------------------------------------------------------------
-from dataclasses import dataclass  # noqa: E402
-from typing import Any, List  # noqa: E402
-
-from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem  # noqa: E402
-from diffrl_bench.registry import ALGORITHMS  # noqa: E402
-from diffrl_bench.schedules import DECAY_PRESETS, decay_schedule  # noqa: E402
-from diffrl_bench.timesteps import TIME_DISTRIBUTIONS, sample_train_times  # noqa: E402
 
 
 @dataclass
@@ -244,22 +223,13 @@ class AWMConfig:
     """training times per sample (T = 6 in the original)"""
 
     def validate(self) -> None:
-        if self.weighting not in AWM_WEIGHTINGS:
-            raise ValueError(f"weighting {self.weighting!r} is not one of {AWM_WEIGHTINGS}")
-        if self.time_distribution not in TIME_DISTRIBUTIONS:
-            raise ValueError(f"time_distribution {self.time_distribution!r} is not one of {TIME_DISTRIBUTIONS}")
-        if not self.ghuber_power > 0:
-            raise ValueError(f"ghuber_power must be positive, got {self.ghuber_power}")
-        if self.beta < 0 or self.ema_beta < 0:
-            raise ValueError(f"beta and ema_beta must be non-negative, got {self.beta}, {self.ema_beta}")
-        if not self.adv_clip_max > 0:
-            raise ValueError(f"adv_clip_max must be positive, got {self.adv_clip_max}")
-        if self.num_train_times < 1:
-            raise ValueError(f"num_train_times must be at least 1, got {self.num_train_times}")
-        try:
-            decay_schedule(self.ema_decay)
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"ema_decay: {error} (presets: {sorted(DECAY_PRESETS)})") from None
+        require(self.weighting in AWM_WEIGHTINGS, "weighting", f"{self.weighting!r} is not one of {AWM_WEIGHTINGS}")
+        require(self.ghuber_power > 0, "ghuber_power", f"must be positive, got {self.ghuber_power}")
+        require(self.beta >= 0, "beta", f"must be non-negative, got {self.beta}")
+        require(self.ema_beta >= 0, "ema_beta", f"must be non-negative, got {self.ema_beta}")
+        require(self.adv_clip_max > 0, "adv_clip_max", f"must be positive, got {self.adv_clip_max}")
+        check_time_distribution(self)
+        check_decays(self, "ema_decay")
 
 
 @ALGORITHMS.register("awm")
@@ -271,8 +241,6 @@ class AWM:
 
     @staticmethod
     def check_run(config: AWMConfig, run: Any) -> None:
-        from diffrl_bench.algorithms.policy_gradient import check_training_times
-
         check_training_times(config, run)
 
     def __init__(self, config: AWMConfig, run: Any = None):

@@ -5,25 +5,28 @@ the prompt c, so centring both sides over the images of one prompt removes it an
 centred implicit reward of the policy, estimated from flow-matching errors against a lagging `old` snapshot, is fitted
 to the centred external reward.
 
-The pure function is `crd_loss`; the parity runner for kind `crd_loss` sits below it. The runner checks the port as
-written (batch centring) against `outputs`, and within-prompt centring against `outputs_within_group` when a case has
-it (see `_run_crd_loss`).
+The pure function is `crd_loss`; its parity runner (algorithms/parity_runners.py) checks the port as written (batch
+centring) against `outputs`, and within-prompt centring against `outputs_within_group` when a case has it.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffrl_bench.advantages import _group_index, _group_mean
-from diffrl_bench.algorithms.weighting import _broadcast_per_sample, mean_chw
-from diffrl_bench.parity import WITHIN_GROUP_PREFIX, case_long, case_tensor, register_parity_kind, to_numpy
+from diffrl_bench.advantages import group_mean
+from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem, require
+from diffrl_bench.algorithms.checks import check_decays, check_time_distribution, check_training_times
+from diffrl_bench.algorithms.weighting import adaptive_weight
+from diffrl_bench.flow import forward_noise, mean_chw, per_sample
+from diffrl_bench.registry import ALGORITHMS
+from diffrl_bench.schedules import decay_schedule
+from diffrl_bench.timesteps import sample_train_times
 
 CRD_LOSS_TYPES = ("mse", "bce")
 CRD_CENTERINGS = ("group", "batch")
-
 
 
 def _clip_range(adv_clip_range: Union[float, Sequence[float]]) -> Tuple[float, float]:
@@ -56,11 +59,8 @@ def crd_implicit_reward(v_theta: torch.Tensor, v_old: torch.Tensor, target: torc
     v_old = v_old.detach()
     err_theta, err_old = (v_theta - target).square(), (v_old - target).square()
     if adaptive:
-        with torch.no_grad():
-            w_theta = mean_chw((v_theta.detach().double() - target.double()).abs()).clamp(min=1e-5)
-            w_old = mean_chw((v_old.double() - target.double()).abs()).clamp(min=1e-5)
-        err_theta = err_theta / _broadcast_per_sample(w_theta, err_theta)
-        err_old = err_old / _broadcast_per_sample(w_old, err_old)
+        err_theta = err_theta / per_sample(adaptive_weight(v_theta, target), err_theta)
+        err_old = err_old / per_sample(adaptive_weight(v_old, target), err_old)
     return mean_chw(-(err_theta - err_old))
 
 
@@ -68,8 +68,7 @@ def _centering_mean(values: torch.Tensor, group_ids: Optional[torch.Tensor], cen
     """Per-sample mean of `values` over the sample's prompt group ("group") or the whole micro-batch ("batch"), (B,)."""
     if centering == "batch":
         return values.mean(dim=0, keepdim=True).expand_as(values)
-    index, num_groups = _group_index(group_ids.to(values.device))
-    return _group_mean(values, index, num_groups)
+    return group_mean(values, group_ids)
 
 
 def crd_loss(
@@ -169,51 +168,9 @@ def crd_loss(
     return loss, {name: value.detach() for name, value in metrics.items()}
 
 
-def _crd_case_outputs(case: dict, centering: str) -> Dict[str, torch.Tensor]:
-    """Run `crd_loss` on a parity case with the port's hyperparameters; metrics plus `grad_v_theta`."""
-    params = case["params"]
-    if float(params.get("weight_temp", -1.0)) >= 0:
-        raise ValueError("only weight_temp < 0 (uniform centring) is implemented; "
-                         f"got weight_temp={params['weight_temp']}")
-    kl_beta = float(params.get("kl_beta", 0.1))
-    t = case_tensor(case, "timesteps").div(1000).clamp(0, 1)  # the port's flow_match_sigma
-    v_theta = case_tensor(case, "v_theta").clone().requires_grad_(True)
-    loss, metrics = crd_loss(
-        v_theta, case_tensor(case, "v_old"), case_tensor(case, "v_ref"), case_tensor(case, "x0"),
-        case_tensor(case, "eps"), t, case_tensor(case, "advantages"), case_long(case, "group_ids"),
-        crd_beta=float(params.get("crd_beta", 1.0)), loss_type=params.get("crd_loss_type", "mse"),
-        kl_beta=kl_beta, reward_adaptive_kl=bool(params.get("reward_adaptive_kl", True)),
-        c_min=1e-4 / max(kl_beta, 1e-8),  # the port's floor: base_beta 1e-4 over kl_beta
-        adv_clip_range=params.get("adv_clip_range", (-5.0, 5.0)), centering=centering,
-        adaptive=bool(params.get("adaptive_logp", True)),
-    )
-    (grad,) = torch.autograd.grad(loss, v_theta)
-    return {**metrics, "grad_v_theta": grad}
-
-
-@register_parity_kind("crd_loss")
-def _run_crd_loss(case: dict) -> Dict[str, np.ndarray]:
-    """`outputs` with batch centring (the port as written); `outputs_within_group` with within-prompt centring,
-    returned under `within_group/<name>`, which is where `check_case` looks for them."""
-    ours = _crd_case_outputs(case, "batch")
-    if case.get("outputs_within_group"):
-        grouped = _crd_case_outputs(case, "group")
-        ours.update({WITHIN_GROUP_PREFIX + name: value for name, value in grouped.items()
-                     if name in case["outputs_within_group"]})
-    return to_numpy(ours)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The plugin: what CRD asks of the harness.
 # ---------------------------------------------------------------------------------------------------------------
-from dataclasses import dataclass  # noqa: E402
-from typing import Any, List  # noqa: E402
-
-from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem  # noqa: E402
-from diffrl_bench.algorithms.nft import nft_forward_noise  # noqa: E402
-from diffrl_bench.registry import ALGORITHMS  # noqa: E402
-from diffrl_bench.schedules import DECAY_PRESETS, decay_schedule  # noqa: E402
-from diffrl_bench.timesteps import TIME_DISTRIBUTIONS, sample_train_times  # noqa: E402
 
 
 @dataclass
@@ -251,26 +208,15 @@ class CRDConfig:
     """training times per sample, each with fresh noise"""
 
     def validate(self) -> None:
-        if self.loss_type not in CRD_LOSS_TYPES:
-            raise ValueError(f"loss_type {self.loss_type!r} is not one of {CRD_LOSS_TYPES}")
-        if self.centering not in CRD_CENTERINGS:
-            raise ValueError(f"centering {self.centering!r} is not one of {CRD_CENTERINGS}")
-        if self.time_distribution not in TIME_DISTRIBUTIONS:
-            raise ValueError(f"time_distribution {self.time_distribution!r} is not one of {TIME_DISTRIBUTIONS}")
-        if not self.crd_beta > 0:
-            raise ValueError(f"crd_beta must be positive, got {self.crd_beta}")
-        if self.kl_beta < 0 or not 0 <= self.c_min <= 1:
-            raise ValueError(f"kl_beta must be >= 0 and c_min in [0, 1], got {self.kl_beta}, {self.c_min}")
-        if not self.adv_clip_max > 0 or not self.ref_cfg_scale > 0:
-            raise ValueError(f"adv_clip_max and ref_cfg_scale must be positive, got {self.adv_clip_max}, "
-                             f"{self.ref_cfg_scale}")
-        if self.num_train_times < 1:
-            raise ValueError(f"num_train_times must be at least 1, got {self.num_train_times}")
-        for key in ("sampler_decay", "old_decay"):
-            try:
-                decay_schedule(getattr(self, key))
-            except (ValueError, TypeError) as error:
-                raise ValueError(f"{key}: {error} (presets: {sorted(DECAY_PRESETS)})") from None
+        require(self.loss_type in CRD_LOSS_TYPES, "loss_type", f"{self.loss_type!r} is not one of {CRD_LOSS_TYPES}")
+        require(self.centering in CRD_CENTERINGS, "centering", f"{self.centering!r} is not one of {CRD_CENTERINGS}")
+        require(self.crd_beta > 0, "crd_beta", f"must be positive, got {self.crd_beta}")
+        require(self.kl_beta >= 0, "kl_beta", f"must be non-negative, got {self.kl_beta}")
+        require(0 <= self.c_min <= 1, "c_min", f"must be in [0, 1], got {self.c_min}")
+        require(self.adv_clip_max > 0, "adv_clip_max", f"must be positive, got {self.adv_clip_max}")
+        require(self.ref_cfg_scale > 0, "ref_cfg_scale", f"must be positive, got {self.ref_cfg_scale}")
+        check_time_distribution(self)
+        check_decays(self, "sampler_decay", "old_decay")
 
 
 @ALGORITHMS.register("crd")
@@ -282,8 +228,6 @@ class CRD:
 
     @staticmethod
     def check_run(config: CRDConfig, run: Any) -> None:
-        from diffrl_bench.algorithms.policy_gradient import check_training_times
-
         check_training_times(config, run)
 
     def __init__(self, config: CRDConfig, run: Any = None):
@@ -329,7 +273,7 @@ class CRD:
             pending = []
             t, noise, clean = times[slot, cols], eps[slot, cols], x0[cols]
             items.append(TrainingItem(
-                index=indices[cols], x=nft_forward_noise(clean, noise, t), sigma=t, snapshots=self._needs,
+                index=indices[cols], x=forward_noise(clean, noise, t), sigma=t, snapshots=self._needs,
                 snapshot_cfg=dict(self._snapshot_cfg),
                 data={"x0": clean, "eps": noise, "t": t, "advantages": advantages[cols],
                       "group_ids": slot * len(labels) + groups[cols]}))

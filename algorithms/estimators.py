@@ -13,7 +13,8 @@ forward (need the final sample x0 only; the harness noises it to `x_t = (1 - t) 
     elbo_exact     -((1 - t) / t) mean_CHW (v - v*)^2
     fm_ghuber, fm_uniform, fm_t, fm_t2   AWM's flow-matching surrogates (`awm_log_likelihood`)
 trajectory (needs a stochastic sampler's stored transitions x -> x'):
-    `fn(x, v, sigma, sigma_next, sigma_first_next, x_next, noise_level=, sde_type=) -> (B,) float64`
+    `fn(x, v, sigma, sigma_next, sigma_first_next, x_next, **step_options) -> (B,) float64`, `step_options` the
+    rollout SDE's step settings (noise_level, sde_type) as the transition item carries them (`item.options`)
     trajectory     Flow-GRPO's per-step Gaussian log-likelihood (`sde_step_logprob`)
 
 A new estimator is one decorated function (`@estimator("name", kind="forward")`) in any module that the registry
@@ -26,9 +27,10 @@ from typing import Callable
 import torch
 
 from diffrl_bench.algorithms.awm import awm_log_likelihood
-from diffrl_bench.algorithms.flow_grpo import sde_step_logprob
-from diffrl_bench.algorithms.weighting import _broadcast_per_sample, adaptive_x0_loss, mean_chw
+from diffrl_bench.algorithms.weighting import adaptive_x0_loss
+from diffrl_bench.flow import mean_chw, per_sample
 from diffrl_bench.registry import Registry
+from diffrl_bench.sde import sde_step_logprob
 
 ESTIMATORS: Registry = Registry("likelihood estimator")
 ESTIMATOR_KINDS = ("forward", "trajectory")
@@ -59,7 +61,7 @@ def _t(t: torch.Tensor) -> torch.Tensor:
 @estimator("elbo_adaptive", kind="forward")
 def elbo_adaptive(v, x_t, x0, eps, t):
     """`-mean_CHW (x0_hat - x0)^2 / sg(max(mean_CHW |x0_hat - x0|, 1e-5))`, `x0_hat = x_t - t v`."""
-    return -adaptive_x0_loss(x_t - _broadcast_per_sample(t.to(x_t.dtype), x_t) * v, x0).double()
+    return -adaptive_x0_loss(x_t - per_sample(t.to(x_t.dtype), x_t) * v, x0).double()
 
 
 @estimator("elbo_t2", kind="forward")
@@ -97,12 +99,8 @@ fm_t2 = estimator("fm_t2", kind="forward")(_fm("t**2"))
 
 
 @estimator("trajectory", kind="trajectory")
-def trajectory(x, v, sigma, sigma_next, sigma_first_next, x_next, *, noise_level=0.7, sde_type="sde"):
-    """Flow-GRPO's log-likelihood of the stored step `x -> x_next` under velocity `v` (float32 inside, as released)."""
-    step = sde_step_logprob(x, v, sigma, sigma_next, sigma_first_next, noise_level=noise_level, sde_type=sde_type,
-                            prev_sample=x_next)
+def trajectory(x, v, sigma, sigma_next, sigma_first_next, x_next, **step_options):
+    """Flow-GRPO's log-likelihood of the stored step `x -> x_next` under velocity `v` (float32 inside, as released),
+    with the sampler's step settings (`noise_level`, `sde_type`)."""
+    step = sde_step_logprob(x, v, sigma, sigma_next, sigma_first_next, prev_sample=x_next, **step_options)
     return step.log_prob.double()
-
-
-def get_estimator(name: str) -> Callable:
-    return ESTIMATORS.get(name)

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from diffrl_bench.algorithm import TrainingItem
+from diffrl_bench.flow import forward_noise
 
 
 def forward_process_items(x0: torch.Tensor, index: torch.Tensor, times: torch.Tensor, generator: torch.Generator,
@@ -26,9 +27,6 @@ def forward_process_items(x0: torch.Tensor, index: torch.Tensor, times: torch.Te
         generator: draws the (T, B, ...) noise, after the caller drew the times.
         per_sample: tensors of shape (B,) (advantages, rewards, ...) carried to each pair.
     """
-    # Imported here: nft.py builds its items with this module, and the forward process is defined there.
-    from diffrl_bench.algorithms.nft import nft_forward_noise
-
     times = times.to(x0.dtype)
     T, B = times.shape
     eps = torch.randn((T, *x0.shape), generator=generator).to(x0)
@@ -41,6 +39,6 @@ def forward_process_items(x0: torch.Tensor, index: torch.Tensor, times: torch.Te
         t, noise, clean = flat_t[pairs], flat_eps[pairs], x0[rows]
         data = {"x0": clean, "eps": noise, "t": t}
         data.update({key: value[rows] for key, value in (per_sample or {}).items()})
-        items.append(TrainingItem(index=index[rows], x=nft_forward_noise(clean, noise, t), sigma=t,
+        items.append(TrainingItem(index=index[rows], x=forward_noise(clean, noise, t), sigma=t,
                                   snapshots=tuple(snapshots), snapshot_cfg=dict(snapshot_cfg or {}), data=data))
     return items

@@ -5,25 +5,22 @@ The loss is a pure function of the velocities of three policy snapshots at the s
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from diffrl_bench.advantages import optimality_probability
-from diffrl_bench.algorithms.weighting import adaptive_x0_loss, mean_chw
+from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem, require
+from diffrl_bench.algorithms.checks import check_decays, check_time_distribution
+from diffrl_bench.algorithms.forward_items import forward_process_items
+from diffrl_bench.algorithms.weighting import adaptive_x0_loss
+from diffrl_bench.flow import mean_chw, per_sample
+from diffrl_bench.registry import ALGORITHMS
+from diffrl_bench.schedules import decay_schedule
+from diffrl_bench.timesteps import sample_train_times
 
 NFT_LOSS_FORMS = ("adaptive_x0", "velocity")
-
-
-def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, ..., 1) to broadcast a per-sample scalar against latents."""
-    return t.reshape(t.shape[0], *([1] * (like.ndim - 1)))
-
-
-def nft_forward_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Rectified-flow forward process `x_t = (1 - t) x0 + t eps`, with `t` of shape (B,)."""
-    tb = _per_sample(t, x0)
-    return (1 - tb) * x0 + tb * eps
 
 
 def nft_loss(
@@ -76,13 +73,13 @@ def nft_loss(
     v_neg = (1 + nft_beta) * v_old - nft_beta * v_theta
 
     if form == "adaptive_x0":
-        tb = _per_sample(t, x_t)
+        tb = per_sample(t, x_t)
         positive_loss = adaptive_x0_loss(x_t - tb * v_pos, x0)
         negative_loss = adaptive_x0_loss(x_t - tb * v_neg, x0)
         # Scaled by 1 / beta so the gradient's size does not shrink with beta (d v+- / d v_theta = +-beta).
-        per_sample = r * positive_loss / nft_beta + (1 - r) * negative_loss / nft_beta
-        unweighted_policy_loss = per_sample.mean()
-        policy_loss = (per_sample * adv_clip_max).mean()
+        sample_loss = r * positive_loss / nft_beta + (1 - r) * negative_loss / nft_beta
+        unweighted_policy_loss = sample_loss.mean()
+        policy_loss = (sample_loss * adv_clip_max).mean()
     else:
         if eps is None:
             raise ValueError("NFT loss form 'velocity' needs the noise eps (its target is v* = eps - x0)")
@@ -109,14 +106,6 @@ def nft_loss(
 # ---------------------------------------------------------------------------------------------------------------
 # The plugin: what DiffusionNFT asks of the harness.
 # ---------------------------------------------------------------------------------------------------------------
-from dataclasses import dataclass  # noqa: E402
-from typing import Any, List  # noqa: E402
-
-from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem  # noqa: E402
-from diffrl_bench.registry import ALGORITHMS  # noqa: E402
-from diffrl_bench.schedules import DECAY_PRESETS, decay_schedule  # noqa: E402
-from diffrl_bench.algorithms.forward_items import forward_process_items  # noqa: E402
-from diffrl_bench.timesteps import TIME_DISTRIBUTIONS, sample_train_times  # noqa: E402
 
 
 @dataclass
@@ -139,20 +128,11 @@ class NFTConfig:
     """training times per sample and step (the original: 9 of the 10 grid points)"""
 
     def validate(self) -> None:
-        if self.loss_form not in NFT_LOSS_FORMS:
-            raise ValueError(f"loss_form {self.loss_form!r} is not one of {NFT_LOSS_FORMS}")
-        if self.time_distribution not in TIME_DISTRIBUTIONS:
-            raise ValueError(f"time_distribution {self.time_distribution!r} is not one of {TIME_DISTRIBUTIONS}")
-        if self.nft_beta <= 0:
-            raise ValueError(f"nft_beta must be positive, got {self.nft_beta}")
-        if self.kl_beta < 0:
-            raise ValueError(f"kl_beta must be non-negative, got {self.kl_beta}")
-        if self.num_train_times < 1:
-            raise ValueError(f"num_train_times must be at least 1, got {self.num_train_times}")
-        try:
-            decay_schedule(self.old_decay)
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"old_decay: {error} (presets: {sorted(DECAY_PRESETS)})") from None
+        require(self.loss_form in NFT_LOSS_FORMS, "loss_form", f"{self.loss_form!r} is not one of {NFT_LOSS_FORMS}")
+        require(self.nft_beta > 0, "nft_beta", f"must be positive, got {self.nft_beta}")
+        require(self.kl_beta >= 0, "kl_beta", f"must be non-negative, got {self.kl_beta}")
+        check_time_distribution(self)
+        check_decays(self, "old_decay")
 
 
 @ALGORITHMS.register("nft")
@@ -164,7 +144,7 @@ class DiffusionNFT:
     def __init__(self, config: NFTConfig, run: Any = None):
         self.config = config
         # Rollouts come from the lagging `old` policy (the original's sampler == old), and only x0 is stored.
-        self.rollout = RolloutRequest(snapshot="old", keep_trajectory=False)
+        self.rollout = RolloutRequest(snapshot="old")
         self.snapshots = {"old": decay_schedule(config.old_decay)}
         if config.kl_beta > 0:
             self.snapshots["ref"] = None  # the frozen base

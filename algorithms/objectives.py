@@ -122,7 +122,3 @@ def grpo(e_theta, e_old, advantages, *, use_ratio=True, clip_range=1e-3):
     loss, metrics = grpo_loss(e_theta, e_old, advantages, clip_range=clip_range, adv_clip_max=float("inf"))
     metrics = {k: v for k, v in metrics.items() if k not in ("loss", "policy_loss")}
     return loss, {**_ratio_metrics(lr, torch.exp(lr)), **metrics}
-
-
-def get_objective(name: str) -> Callable:
-    return OBJECTIVES.get(name)

@@ -24,17 +24,17 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from diffrl_bench.advantages import group_mean_centered
-from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem
+from diffrl_bench.algorithm import OptionError, RolloutBatch, RolloutRequest, TrainingItem, require
+from diffrl_bench.algorithms.checks import check_decays, check_time_distribution, check_training_times
 from diffrl_bench.algorithms.estimators import ESTIMATORS
-from diffrl_bench.algorithms.flow_grpo import trained_transition_steps, transition_items
 from diffrl_bench.algorithms.forward_items import forward_process_items
 from diffrl_bench.algorithms.objectives import OBJECTIVES, parse_advantage
-from diffrl_bench.algorithms.weighting import mean_chw
-from diffrl_bench.registry import ALGORITHMS, SAMPLERS
-from diffrl_bench.schedules import DECAY_PRESETS, decay_schedule
-from diffrl_bench.timesteps import TIME_DISTRIBUTIONS, sample_train_times
-
-GRID_TIME_DISTRIBUTIONS = ("grid_subset", "stratified_grid")
+from diffrl_bench.algorithms.transition_items import (check_trained_transitions, records_transitions,
+                                                      trained_transition_steps, transition_items)
+from diffrl_bench.flow import mean_chw
+from diffrl_bench.registry import ALGORITHMS
+from diffrl_bench.schedules import decay_schedule
+from diffrl_bench.timesteps import sample_train_times
 
 
 @dataclass
@@ -75,38 +75,22 @@ class ELBOPGConfig:
     """trajectory estimator: train on the first int(N * fraction) sampler steps (every window step with an SDE window)"""
 
     def validate(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator {self.estimator!r} is not one of {ESTIMATORS.names()}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES.names()}")
+        require(self.estimator in ESTIMATORS, "estimator",
+                f"{self.estimator!r} is not one of {ESTIMATORS.names()}")
+        require(self.objective in OBJECTIVES, "objective",
+                f"{self.objective!r} is not one of {OBJECTIVES.names()}")
         if self.advantage != "auto":
-            parse_advantage(self.advantage)
-        if self.time_distribution not in TIME_DISTRIBUTIONS:
-            raise ValueError(f"time_distribution {self.time_distribution!r} is not one of {TIME_DISTRIBUTIONS}")
-        if not self.clip_range > 0:
-            raise ValueError(f"clip_range must be positive, got {self.clip_range}")
-        if not self.adv_clip_max > 0:
-            raise ValueError(f"adv_clip_max must be positive, got {self.adv_clip_max}")
-        if self.kl_beta < 0:
-            raise ValueError(f"kl_beta must be non-negative, got {self.kl_beta}")
-        if not self.ref_cfg_scale > 0:
-            raise ValueError(f"ref_cfg_scale must be positive, got {self.ref_cfg_scale}")
-        if self.num_train_times < 1:
-            raise ValueError(f"num_train_times must be at least 1, got {self.num_train_times}")
-        if not 0 < self.timestep_fraction <= 1:
-            raise ValueError(f"timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
-        try:
-            decay_schedule(self.sampler_decay)
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"sampler_decay: {error} (presets: {sorted(DECAY_PRESETS)})") from None
-
-
-def check_training_times(config: Any, run: Any) -> None:
-    """Grid time distributions draw from the rollout grid's non-zero points; more times than points cannot work."""
-    if config.time_distribution in GRID_TIME_DISTRIBUTIONS and config.num_train_times > run.rollout.sampler.num_steps:
-        raise ValueError(f"bad config key 'algo.num_train_times': {config.num_train_times} times per sample from "
-                         f"{config.time_distribution} exceeds the {run.rollout.sampler.num_steps} non-zero points of "
-                         f"the rollout grid (rollout.sampler.num_steps); lower it or use uniform / logit_normal")
+            try:
+                parse_advantage(self.advantage)
+            except ValueError as error:
+                raise OptionError("advantage", str(error)) from None
+        require(self.clip_range > 0, "clip_range", f"must be positive, got {self.clip_range}")
+        require(self.adv_clip_max > 0, "adv_clip_max", f"must be positive, got {self.adv_clip_max}")
+        require(self.kl_beta >= 0, "kl_beta", f"must be non-negative, got {self.kl_beta}")
+        require(self.ref_cfg_scale > 0, "ref_cfg_scale", f"must be positive, got {self.ref_cfg_scale}")
+        require(0 < self.timestep_fraction <= 1, "timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
+        check_time_distribution(self)
+        check_decays(self, "sampler_decay")
 
 
 @ALGORITHMS.register("elbo_pg")
@@ -119,19 +103,17 @@ class ELBOPolicyGradient:
     def check_run(config: ELBOPGConfig, run: Any) -> None:
         objective = OBJECTIVES.get(config.objective)
         if getattr(objective, "requires_ratio", False) and not config.use_ratio:
-            raise ValueError(f"bad config key 'algo.use_ratio': objective {config.objective!r} clips the importance "
-                             f"ratio, so without it nothing is left to clip and it is plain epg; use "
-                             f"algo.objective=epg algo.use_ratio=false for the ratio-free policy gradient")
-        sampler_name = run.rollout.sampler.name
+            raise OptionError("use_ratio", f"objective {config.objective!r} clips the importance ratio, so without it "
+                                           f"nothing is left to clip and it is plain epg; use algo.objective=epg "
+                                           f"algo.use_ratio=false for the ratio-free policy gradient")
         if ESTIMATORS.get(config.estimator).kind == "trajectory":
-            if not getattr(SAMPLERS.get(sampler_name), "records_transitions", False):
-                raise ValueError(f"bad config key 'algo.estimator': the trajectory estimator needs a stochastic "
-                                 f"sampler's transition densities; {sampler_name} is a deterministic ODE solver, "
-                                 f"whose steps have no density (use rollout.sampler.name=flow_grpo_sde, or a "
-                                 f"forward estimator such as elbo_adaptive, which needs only the final sample)")
-            if trained_transition_steps(run, config.timestep_fraction) < 1:
-                raise ValueError(f"bad config key 'algo.timestep_fraction': int({run.rollout.sampler.num_steps} x "
-                                 f"{config.timestep_fraction}) = 0 sampler steps would be trained")
+            if not records_transitions(run):
+                raise OptionError("estimator", f"the trajectory estimator needs a stochastic sampler's transition "
+                                               f"densities; {run.rollout.sampler.name} is a deterministic ODE solver, "
+                                               f"whose steps have no density (use rollout.sampler.name=flow_grpo_sde, "
+                                               f"or a forward estimator such as elbo_adaptive, which needs only the "
+                                               f"final sample)")
+            check_trained_transitions(config.timestep_fraction, run)
         else:
             check_training_times(config, run)
 
@@ -142,9 +124,6 @@ class ELBOPolicyGradient:
         self.trajectory = self.estimate.kind == "trajectory"
         spec = self.objective.default_advantage if config.advantage == "auto" else config.advantage
         self.advantage_kind, self.advantage_scale = parse_advantage(spec)
-        options = dict(run.rollout.sampler.options) if run is not None else {}
-        self.noise_level = float(options.get("noise_level", 0.7))
-        self.sde_type = str(options.get("sde_type", "sde"))
         record_before = None
         if self.trajectory and run is not None:
             record_before = trained_transition_steps(run, config.timestep_fraction)
@@ -184,13 +163,12 @@ class ELBOPolicyGradient:
                                      per_sample={"advantages": self.advantages(batch)[indices]},
                                      snapshot_cfg=self._snapshot_cfg)
 
-
     def estimates(self, item: TrainingItem, velocities: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(e_theta with gradient, e_old), (N,) float64, on the item's shared inputs."""
         d = item.data
         if self.trajectory:
             e_theta = self.estimate(item.x, velocities["theta"], item.sigma, d["sigma_next"], d["sigma_first_next"][0],
-                                    d["x_next"], noise_level=self.noise_level, sde_type=self.sde_type)
+                                    d["x_next"], **item.options)
             return e_theta, d["old_log_prob"].to(torch.float64)
         args = (item.x, d["x0"], d["eps"], d["t"])
         return self.estimate(velocities["theta"], *args), self.estimate(velocities["old"], *args).detach()

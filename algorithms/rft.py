@@ -15,11 +15,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from diffrl_bench.advantages import zero_variance_mask
-from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem
+from diffrl_bench.algorithm import OptionError, RolloutBatch, RolloutRequest, TrainingItem, require
+from diffrl_bench.algorithms.checks import check_time_distribution, check_training_times
 from diffrl_bench.algorithms.forward_items import forward_process_items
-from diffrl_bench.algorithms.weighting import mean_chw
+from diffrl_bench.flow import mean_chw
 from diffrl_bench.registry import ALGORITHMS
-from diffrl_bench.timesteps import TIME_DISTRIBUTIONS, sample_train_times
+from diffrl_bench.timesteps import sample_train_times
 
 
 @dataclass
@@ -45,16 +46,10 @@ class RFTConfig:
     """training times per kept sample, each with fresh noise"""
 
     def validate(self) -> None:
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
-        if not 0 <= self.top_fraction <= 1:
-            raise ValueError(f"top_fraction must be in [0, 1] (0: use top_k), got {self.top_fraction}")
-        if self.kl_beta < 0:
-            raise ValueError(f"kl_beta must be non-negative, got {self.kl_beta}")
-        if self.time_distribution not in TIME_DISTRIBUTIONS:
-            raise ValueError(f"time_distribution {self.time_distribution!r} is not one of {TIME_DISTRIBUTIONS}")
-        if self.num_train_times < 1:
-            raise ValueError(f"num_train_times must be at least 1, got {self.num_train_times}")
+        require(self.top_k >= 1, "top_k", f"must be at least 1, got {self.top_k}")
+        require(0 <= self.top_fraction <= 1, "top_fraction", f"must be in [0, 1] (0: use top_k), got {self.top_fraction}")
+        require(self.kl_beta >= 0, "kl_beta", f"must be non-negative, got {self.kl_beta}")
+        check_time_distribution(self)
 
 
 def best_of_group(rewards: torch.Tensor, group_ids: torch.Tensor, top_k: int = 1, top_fraction: float = 0.0,
@@ -85,12 +80,10 @@ class RejectionSamplingFineTuning:
 
     @staticmethod
     def check_run(config: RFTConfig, run: Any) -> None:
-        from diffrl_bench.algorithms.policy_gradient import check_training_times
-
         check_training_times(config, run)
         if config.top_fraction == 0 and config.top_k >= run.rollout.images_per_prompt:
-            raise ValueError(f"bad config key 'algo.top_k': keeping {config.top_k} of {run.rollout.images_per_prompt} "
-                             f"images per prompt rejects nothing, which is plain self-distillation, not best-of-K")
+            raise OptionError("top_k", f"keeping {config.top_k} of {run.rollout.images_per_prompt} images per prompt "
+                                       f"rejects nothing, which is plain self-distillation, not best-of-K")
 
     def __init__(self, config: RFTConfig, run: Any = None):
         self.config = config

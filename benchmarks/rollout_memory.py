@@ -2,7 +2,7 @@
 
 DiffusionNFT (and every forward-process method) keeps only the final sample; Flow-GRPO keeps, for each trained
 transition, the latent, the next latent and the behaviour log-prob (R transitions share R + 1 latents); a naive
-implementation keeps the whole trajectory. The numbers are the bytes of the tensors the real samplers return for
+implementation keeps the whole trajectory (rebuilt here with `StateRecorder`). The numbers are the bytes of the tensors the real samplers return for
 the harness to store (`Rollout.x0` for NFT, `Rollout.transitions` for Flow-GRPO), measured, not computed from a
 formula. The stored size does not depend on the network, so a cheap linear velocity field stands in for the model.
 Usage:
@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from diffrl_bench.registry import SAMPLERS
-from diffrl_bench.sampling import flow_sigmas
+from diffrl_bench.sampling import StateRecorder, flow_sigmas
 
 # Latent shapes: the toy benchmark (16 px RGB), and SD3.5-Medium at 512 px and 1024 px (16 channels, 8x VAE).
 SHAPES = {"toy 16px (3x16x16)": (3, 16, 16), "SD3.5-M 512px (16x64x64)": (16, 64, 64),
@@ -40,14 +40,14 @@ def stored_bytes_per_image(shape, steps: int, batch: int, dtype: torch.dtype) ->
                                           generator=torch.Generator().manual_seed(1))
     fast = SAMPLERS.get("flow_grpo_sde")(field, x, sigmas, window_size=2, record_before=steps,
                                           generator=torch.Generator().manual_seed(1))
-    naive = SAMPLERS.get("flow_grpo_sde")(field, x, sigmas, keep_trajectory=True,
-                                           generator=torch.Generator().manual_seed(1))
+    recorder = StateRecorder(field)
+    naive = SAMPLERS.get("flow_grpo_sde")(recorder, x, sigmas, generator=torch.Generator().manual_seed(1))
     tr, tf = grpo.transitions, fast.transitions
     return {
         "DiffusionNFT (x0 only)": _bytes(nft.x0) / batch,
         f"Flow-GRPO ({trained} trained transitions)": _bytes(tr.latents, tr.steps, tr.log_probs) / batch,
         "Flow-GRPO-Fast (window 2)": _bytes(tf.latents, tf.steps, tf.log_probs) / batch,
-        "full trajectory + all log-probs": _bytes(naive.trajectory, naive.log_probs) / batch,
+        "full trajectory + all log-probs": _bytes(recorder.trajectory(naive.x0), naive.log_probs) / batch,
     }
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from diffrl_bench.algorithms.nft import nft_forward_noise
+from diffrl_bench.flow import forward_noise
 from diffrl_bench.evaluate import build_eval_rewards, evaluate, generate
 from diffrl_bench.prompts import Prompt, load_prompts
 from diffrl_bench.timesteps import sample_train_times
@@ -119,7 +119,7 @@ def fine_tune(arm: str, data: Callable, parameter_filter: Callable[[str], bool],
             x0 = x0.repeat(TRAIN_TIMES, 1, 1, 1)
             eps = torch.randn(x0.shape, generator=generator)
             cond = policy.encode_prompts(texts * TRAIN_TIMES)
-            velocity = policy.velocity(nft_forward_noise(x0, eps, times), times, cond)
+            velocity = policy.velocity(forward_noise(x0, eps, times), times, cond)
             loss = (velocity - (eps - x0)).square().mean()
             optimizer.zero_grad()
             loss.backward()

@@ -27,6 +27,12 @@ def _group_mean(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> t
     return (sums / counts)[index]
 
 
+def group_mean(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of `values` over the sample's group, (B,), in `values`' dtype (labels may be on any device)."""
+    index, num_groups = _group_index(group_ids.to(values.device))
+    return _group_mean(values, index, num_groups)
+
+
 def zero_variance_mask(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """True for samples whose group has identical rewards (no learning signal; Flow-GRPO drops them).
 

@@ -1,7 +1,7 @@
 """The objective-plugin protocol.
 
 An algorithm does not drive the loop. It declares what it needs (which snapshot samples the rollouts, which
-snapshots exist and how they decay, whether trajectories are kept) and turns a scored rollout batch into
+snapshots exist and how they decay, what the rollout keeps) and turns a scored rollout batch into
 `TrainingItem`s: model inputs plus the tensors its loss needs. The harness evaluates the requested snapshots'
 velocities at each item and hands them to the pure `loss` function. See algorithms/nft.py for a complete plugin.
 """
@@ -16,6 +16,24 @@ from diffrl_bench.sampling import Transitions
 from diffrl_bench.schedules import DecaySchedule
 
 
+class OptionError(ValueError):
+    """A bad value of one algorithm option, raised by a plugin's `Config.validate()` or `check_run`.
+
+    `key` is the option's field name in the `algo` section; the harness reports it as
+    `bad config key 'algo.<key>': <reason>` (diffrl_bench/config.py)."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def require(ok: bool, key: str, reason: str) -> None:
+    """Raise `OptionError(key, reason)` unless `ok`: one line per check in a `validate()`."""
+    if not ok:
+        raise OptionError(key, reason)
+
+
 @dataclass
 class RolloutRequest:
     """How the harness must produce rollouts for this algorithm."""
@@ -24,8 +42,6 @@ class RolloutRequest:
     """the policy that samples: `theta`, or a snapshot such as `old` or `sampler`"""
     keep_x0: bool = True
     """keep the final samples for training (forward-process methods); trajectory methods need only transitions"""
-    keep_trajectory: bool = False
-    """store every latent of the trajectory"""
     record_before: Optional[int] = None
     """trajectory-likelihood methods: keep the stochastic transitions (latent, next latent, step, behaviour
     log-prob) of the sampler steps with index < record_before, and only those; needs a sampler that records them"""
@@ -51,8 +67,10 @@ class RolloutBatch:
     """(B,) scores of each reward component and its logged parts (`name`, `name.part`), before weighting"""
     sigmas: torch.Tensor
     """the rollout sampler's sigma grid"""
-    trajectory: Optional[torch.Tensor] = None
-    """(N+1, B, C, H, W) when the rollout request asked for it"""
+    sampler_options: Dict[str, Any] = field(default_factory=dict)
+    """every option of the rollout sampler as it ran: `rollout.sampler.options` over the defaults of the sampler's
+    signature (`config.resolve_sampler_options`), e.g. `noise_level` and `sde_type` for flow_grpo_sde; the one
+    source for an algorithm that must reuse the sampler's settings"""
     transitions: Optional[Transitions] = None
     """the recorded stochastic transitions when the rollout request set `record_before`"""
     cfg_scale: float = 1.0
@@ -97,6 +115,9 @@ class TrainingItem:
     snapshot_cfg: Dict[str, float] = field(default_factory=dict)
     """guidance for particular snapshots, overriding `cfg_scale` for them (e.g. CRD's KL anchor to the CFG-guided
     base: `{"ref": 4.5}`)"""
+    options: Dict[str, Any] = field(default_factory=dict)
+    """non-tensor settings the loss needs with this item (e.g. the SDE step's noise_level and sde_type, which
+    `transition_items` copies from `RolloutBatch.sampler_options`)"""
     placeholder: bool = False
     """an item whose loss is exactly 0, run only so that a process with nothing to train still takes part in the
     step's collectives; it adds no samples to the step's mean"""
@@ -118,7 +139,10 @@ class Algorithm(Protocol):
     LoRA every snapshot call is a collective, and processes running unequal item counts are padded with repeats)."""
 
     def loss(self, item: TrainingItem, velocities: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]: ...
+    """Pure: tensors in, the scalar loss and detached metrics out. Metrics whose names end in `_max` / `_min` are
+    reduced over micro-batches with max / min, others averaged."""
 
-    # Optional: `check_run(options, run_cfg)` (a staticmethod) raises ValueError when the algorithm's options do not
-    # fit the rest of the run config (e.g. a trajectory likelihood with an ODE sampler); called at config time.
-    # Loss metrics whose names end in `_max` / `_min` are reduced over micro-batches with max / min, others averaged.
+    # Optional, a staticmethod: `check_run(config, run)` gets the validated `Config` instance and the whole run
+    # config (DictConfig) and raises when the options do not fit the rest of the run (e.g. a trajectory likelihood
+    # with an ODE sampler): `OptionError(field, reason)` for an `algo` field, or ValueError("bad config key
+    # '<path>': reason") for another section. Called at config time, before any work.

@@ -105,6 +105,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    """How an RL run trains: its length and budgets, how each rollout batch is cut into optimizer steps and
+    micro-batches, the seed of its random streams, and the device and precision it runs on."""
+
     steps: int = 300
     """RL steps (one rollout batch and its optimizer updates each)"""
     budget_gpu_hours: float = 0.0
@@ -275,20 +278,55 @@ def validate(cfg: DictConfig) -> None:
         try:
             check_run(options, cfg)
         except ValueError as error:
-            raise ConfigError(str(error)) from None
+            raise _algo_error(error) from None
 
 
-# Arguments every sampler takes from the harness, not from `options`.
-HARNESS_SAMPLER_ARGS = ("velocity_fn", "x_init", "sigmas", "keep_trajectory", "generator", "record_before", "groups")
+def _algo_error(error: ValueError) -> ConfigError:
+    """A plugin's error as a ConfigError: an `OptionError` names its `algo.<field>`; any other ValueError is either
+    already phrased with its key (`bad config key '...'`) or, from `validate()`, blamed on the `algo` section."""
+    key = getattr(error, "key", None)
+    if key is not None:
+        return ConfigError(f"bad config key 'algo.{key}': {error.reason}")
+    message = str(error)
+    return ConfigError(message if message.startswith("bad config key") else f"bad config key 'algo': {message}")
+
+
+# Arguments a sampler takes from the harness, not from `options`. The harness passes `record_before` (when the
+# algorithm asks for transitions) and `groups` to every sampler whose signature names them.
+HARNESS_SAMPLER_ARGS = ("velocity_fn", "x_init", "sigmas", "generator", "record_before", "groups")
 
 
 def sampler_options(sampler) -> set:
     """The keyword options a registered sampler accepts from `rollout.sampler.options`."""
+    return set(_option_parameters(sampler))
+
+
+def accepts_argument(sampler, name: str) -> bool:
+    """Whether `sampler`'s signature names the harness argument `name` (`record_before`, `groups`)."""
+    import inspect
+
+    return name in inspect.signature(sampler).parameters
+
+
+def _option_parameters(sampler) -> dict:
     import inspect
 
     params = inspect.signature(sampler).parameters
-    return {name for name, p in params.items()
+    return {name: p for name, p in params.items()
             if name not in HARNESS_SAMPLER_ARGS and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def resolve_sampler_options(sampler_cfg) -> Dict[str, Any]:
+    """Every option of the configured sampler: `options` from the config over the defaults of the sampler's own
+    signature, which is the one place a sampler's defaults are written. The harness resolves them once per run and
+    hands them to the algorithm on the batch (`RolloutBatch.sampler_options`); `check_run` may use them at load time."""
+    from diffrl_bench.registry import SAMPLERS
+
+    params = _option_parameters(SAMPLERS.get(sampler_cfg.name))
+    resolved = {name: p.default for name, p in params.items() if p.default is not p.empty}
+    options = sampler_cfg.get("options") or {}
+    resolved.update(OmegaConf.to_container(options) if isinstance(options, DictConfig) else dict(options))
+    return resolved
 
 
 def algo_config(cfg: DictConfig) -> Any:
@@ -311,7 +349,7 @@ def algo_config(cfg: DictConfig) -> Any:
         try:
             check()
         except ValueError as error:
-            raise ConfigError(f"bad config key 'algo': {error}") from None
+            raise _algo_error(error) from None
     return options
 
 

@@ -13,10 +13,12 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from diffrl_bench.config import resolve_sampler_options
+from diffrl_bench.models import THETA, calls_per_velocity
 from diffrl_bench.prompts import Prompt
 from diffrl_bench.registry import SAMPLERS
-from diffrl_bench.models import THETA, calls_per_velocity
 from diffrl_bench.reward_harness import build_reward, call_reward
+from diffrl_bench.rollout import sample_chunks
 from diffrl_bench.sampling import flow_sigmas
 
 
@@ -24,24 +26,18 @@ from diffrl_bench.sampling import flow_sigmas
 def generate(policy, prompts: Sequence[str], noise: torch.Tensor, sampler_cfg, *, snapshot: str = THETA,
              batch_size: int = 256, progress: bool = False, seed: int = 0) -> Tuple[torch.Tensor, int]:
     """Images in [0, 1] for `prompts` from the given initial noise; returns (images, NFEs per sample x samples)."""
-    sampler = SAMPLERS.get(sampler_cfg.name)
     sigmas = flow_sigmas(sampler_cfg.num_steps, sampler_cfg.shift)
-    options = OmegaConf.to_container(sampler_cfg.options) if "options" in sampler_cfg else {}
     # A stochastic eval sampler draws its noise from a fixed stream too, so evaluations stay paired.
-    generator = torch.Generator().manual_seed(seed)
+    kwargs = dict(resolve_sampler_options(sampler_cfg), generator=torch.Generator().manual_seed(seed))
+    # Each chunk's prompts are encoded as it is sampled, so a large eval set is never encoded at once.
+    chunks = sample_chunks(policy, lambda rows: policy.encode_prompts(list(prompts[rows])), noise,
+                           SAMPLERS.get(sampler_cfg.name), sigmas, kwargs, snapshot=snapshot,
+                           cfg_scale=sampler_cfg.cfg_scale, chunk_size=batch_size)
     images, nfe = [], 0
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="eval", leave=False, disable=not progress):
-        chunk = list(prompts[start:start + batch_size])
-        cond = policy.encode_prompts(chunk)
-        x = noise[start:start + batch_size].to(policy.device)
-
-        def velocity(x_t, sigma, cond=cond):
-            return policy.velocity(x_t, sigma, cond, snapshot=snapshot, cfg_scale=sampler_cfg.cfg_scale)
-
-        rollout = sampler(velocity, x, sigmas, generator=generator, **options)
+    total = -(-len(prompts) // batch_size)
+    for _, rollout, chunk_images in tqdm(chunks, total=total, desc="eval", leave=False, disable=not progress):
         nfe += rollout.sample_nfe() * calls_per_velocity(sampler_cfg.cfg_scale)
-        images.append(policy.decode(rollout.x0).cpu())
+        images.append(chunk_images)
     return torch.cat(images), nfe
 
 

@@ -1,4 +1,5 @@
-"""The policy backend protocol, and snapshots as parameter copies (the full fine-tuning case).
+"""The policy backend base class `SnapshotPolicy` (snapshots as parameter copies, the full fine-tuning case), and
+how the harness builds a backend and indexes its conditioning.
 
 A backend owns every model call of a run. Algorithms never call the network: they ask the harness for
 velocities of named snapshots (`theta`, `old`, `sampler`, `ema`, `ref`, ...) at given inputs.
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Dict, Iterable, Protocol, Sequence, Tuple
+from typing import Any, Dict
 
 import torch
 from torch import nn
@@ -16,27 +17,6 @@ from diffrl_bench.schedules import soft_update_
 from diffrl_bench.zero3 import full_parameters
 
 THETA = "theta"
-
-
-class PolicyBackend(Protocol):
-    """What the harness needs from a text-to-image flow model."""
-
-    latent_shape: Tuple[int, ...]
-
-    def encode_prompts(self, prompts: Sequence[str]) -> Any: ...
-
-    def null_condition(self, batch_size: int) -> Any: ...
-
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any, *, snapshot: str = THETA,
-                 cfg_scale: float = 1.0) -> torch.Tensor: ...
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
-
-    def add_snapshot(self, name: str) -> None: ...
-
-    def update_snapshot(self, name: str, decay: float) -> None: ...
-
-    def snapshot_names(self) -> Iterable[str]: ...
 
 
 def build_policy(model_cfg, device=None):

@@ -5,10 +5,12 @@ runner registered for that kind rebuilds the inputs as float64 tensors, calls ou
 outputs by name. `check_case` compares them with the stored outputs elementwise,
 `|ours - expected| <= atol + rtol * |expected|`.
 
-Runners live in a registry so new kinds are added without editing this file: decorate a function
-`case -> {output name: np.ndarray}` with `@register_parity_kind("kind")` in any module of `diffrl_bench.algorithms`
-(those modules are imported before a run), or in a module exposed under the entry-point group
-`diffrl_bench.parity`.
+Runners live in a registry so new kinds are added without editing this file: every built-in runner is a function
+`case -> {output name: np.ndarray}` decorated with `@register_parity_kind("kind")` in algorithms/parity_runners.py
+(the plugin layer, since runners call the plugins' losses; every module of `diffrl_bench.algorithms` is imported
+before a run), and a third-party kind is the same in a module exposed under the entry-point group
+`diffrl_bench.parity`. This module holds the machinery only: the kind registry, loading, comparison and the input
+helpers runners share.
 """
 from __future__ import annotations
 
@@ -212,84 +214,17 @@ def case_long(case: dict, name: str) -> torch.Tensor:
     return torch.as_tensor(np.asarray(case["inputs"][name], dtype=np.int64))
 
 
+def case_leaf(case: dict, name: str) -> torch.Tensor:
+    """Input `name` as a float64 leaf tensor that requires grad (for the `grad_<name>` outputs)."""
+    return case_tensor(case, name).clone().requires_grad_(True)
+
+
+def grad_of(loss: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    """d loss / d leaf, for a leaf made by `case_leaf`."""
+    (grad,) = torch.autograd.grad(loss, leaf)
+    return grad
+
+
 def to_numpy(values: Dict[str, torch.Tensor]) -> Dict[str, np.ndarray]:
     return {name: v.detach().to(torch.float64).cpu().numpy() if torch.is_tensor(v) else np.asarray(v, np.float64)
             for name, v in values.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Runners for the kinds implemented by the harness itself
-
-
-@register_parity_kind("advantages")
-def _run_advantages(case: dict) -> Dict[str, np.ndarray]:
-    from diffrl_bench.advantages import group_advantages
-
-    std = "global" if case["params"]["global_std"] else "group"
-    adv = group_advantages(case_tensor(case, "rewards"), case_long(case, "group_ids"), std=std)
-    return to_numpy({"advantages": adv})
-
-
-def _decay_from_params(params: dict):
-    """The DecaySchedule equivalent to the original function named in `params["function"]`."""
-    from diffrl_bench.schedules import DECAY_PRESETS, DecaySchedule
-
-    function = params.get("function", "")
-    if function == "DiffusionNFT return_decay":
-        by_type = {0: "on_policy", 1: "nft", 2: "nft_ocr"}
-        if params["decay_type"] not in by_type:
-            raise ValueError(f"unknown DiffusionNFT decay_type {params['decay_type']!r}")
-        return DECAY_PRESETS[by_type[params["decay_type"]]]
-    if function == "Flow-Factory CRD compute_decay":
-        return DecaySchedule.from_spec(params["decay_spec"])
-    if function == "AWM kl_ema_decay_type='linear'":
-        return DecaySchedule(start_step=0, start_value=0.0, slope=0.001, max_value=float(params["kl_ema_decay"]))
-    raise ValueError(f"unknown decay_schedule function {function!r}")
-
-
-@register_parity_kind("decay_schedule")
-def _run_decay_schedule(case: dict) -> Dict[str, np.ndarray]:
-    schedule = _decay_from_params(case["params"])
-    steps = [int(s) for s in case["inputs"]["steps"]]
-    return {"decay": np.array([schedule(s) for s in steps], dtype=np.float64)}
-
-
-@register_parity_kind("dpm2_sampler")
-def _run_dpm2_sampler(case: dict) -> Dict[str, np.ndarray]:
-    from diffrl_bench.sampling import dpm2_sample
-
-    params = case["params"]
-    a, b = float(params["a"]), float(params["b"])
-    modes = {"sigma": None, "floor1000": lambda s: torch.floor(s * 1000) / 1000}
-    if params["model_time"] not in modes:
-        raise ValueError(f"unknown model_time {params['model_time']!r}")
-    taus: List[torch.Tensor] = []
-
-    def velocity(x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        taus.append(tau[0])
-        return a * x + b * tau.reshape(-1, *([1] * (x.ndim - 1)))
-
-    rollout = dpm2_sample(velocity, case_tensor(case, "z_init"), case_tensor(case, "sigmas"),
-                          keep_trajectory=True, model_time=modes[params["model_time"]])
-    return to_numpy({"final": rollout.x0, "all_latents": rollout.trajectory,
-                     "model_time_per_step": torch.stack(taus)})
-
-
-@register_parity_kind("nft_loss")
-def _run_nft_loss(case: dict) -> Dict[str, np.ndarray]:
-    from diffrl_bench.algorithms.nft import nft_forward_noise, nft_loss
-
-    params = case["params"]
-    if params.get("adv_mode", "all") != "all":
-        raise ValueError(f"adv_mode {params['adv_mode']!r} is not supported")
-    x0, t = case_tensor(case, "x0"), case_tensor(case, "t")
-    x_t = nft_forward_noise(x0, case_tensor(case, "eps"), t)
-    v_theta = case_tensor(case, "v_theta").clone().requires_grad_(True)
-    loss, metrics = nft_loss(
-        v_theta, case_tensor(case, "v_old"), case_tensor(case, "v_ref"), x0, x_t, t, case_tensor(case, "advantages"),
-        nft_beta=float(params["nft_beta"]), kl_beta=float(params["kl_beta"]),
-        adv_clip_max=float(params["adv_clip_max"]),
-    )
-    (grad,) = torch.autograd.grad(loss, v_theta)
-    # The original logs the total loss under the name policy_loss (an in-place `+=` on the same tensor).
-    return to_numpy({**metrics, "x_t": x_t, "grad_v_theta": grad, "logged_policy_loss": metrics["loss"]})

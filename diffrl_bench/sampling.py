@@ -6,11 +6,12 @@ predicts a velocity `v ~ eps - x0`. A sampler integrates from `sigmas[0]` (usual
 Both samplers are pure functions of a velocity callable, an initial latent and a sigma grid, and return a `Rollout`.
 They are registered in `SAMPLERS` as "euler" and "dpm2".
 
-Every registered sampler has the signature `sampler(velocity_fn, x_init, sigmas, keep_trajectory=False, *,
-generator=None, **options)`: `generator` draws any sampling noise (deterministic samplers ignore it) and `options` are
-the sampler's own keyword-only settings, given in a run config as `rollout.sampler.options`. A sampler that can
-record stochastic transitions for trajectory-likelihood training sets the attribute `records_transitions = True` and
-accepts `record_before` (see algorithms/flow_grpo.py).
+Every registered sampler has the signature `sampler(velocity_fn, x_init, sigmas, *, generator=None, **options)`:
+`generator` draws any sampling noise (deterministic samplers ignore it) and `options` are the sampler's own settings,
+given in a run config as `rollout.sampler.options` (their defaults are the signature's). A sampler that can record
+stochastic transitions for trajectory-likelihood training sets the attribute `records_transitions = True` and
+accepts `record_before`; one that works per prompt group accepts `groups` (see diffrl_bench/sde.py). Samplers keep
+no trajectory: `StateRecorder` rebuilds one where a test or a parity check needs it.
 """
 from __future__ import annotations
 
@@ -68,7 +69,6 @@ class Rollout:
         x0: the final sample (B, ...).
         sigmas: the sigma grid that was integrated over, (N+1,).
         nfe: number of model (velocity) calls made.
-        trajectory: (N+1, B, ...) latents including the start and the end; only when asked for.
         log_probs: (N, B) behaviour log-likelihood of each transition, NaN for deterministic steps (SDE samplers).
         stochastic: (N,) bool, which steps were stochastic (SDE samplers; the SDE window of Flow-GRPO-Fast).
         transitions: the recorded stochastic transitions, when the sampler was asked for them (`record_before`).
@@ -78,7 +78,6 @@ class Rollout:
     x0: torch.Tensor
     sigmas: torch.Tensor
     nfe: int
-    trajectory: Optional[torch.Tensor] = None
     log_probs: Optional[torch.Tensor] = None
     stochastic: Optional[torch.Tensor] = None
     transitions: Optional[Transitions] = None
@@ -87,6 +86,26 @@ class Rollout:
     def sample_nfe(self) -> int:
         """Velocity evaluations summed over the batch (what the cost ledger counts)."""
         return self.total_nfe if self.total_nfe is not None else self.nfe * self.x0.shape[0]
+
+
+class StateRecorder:
+    """A velocity function that keeps every state it is evaluated at.
+
+    A sampler that calls the model once per step on the current state (euler, dpm2, flow_grpo_sde without a shared
+    prefix) then leaves the whole trajectory behind: `trajectory(rollout.x0)` is (N+1, B, ...), start and end
+    included. Tests, parity checks and benchmarks use it; training keeps only what the algorithm asks for.
+    """
+
+    def __init__(self, velocity_fn: VelocityFn):
+        self.velocity_fn = velocity_fn
+        self.states: List[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.states.append(x)
+        return self.velocity_fn(x, sigma, **kwargs)
+
+    def trajectory(self, x0: torch.Tensor) -> torch.Tensor:
+        return torch.stack([*self.states, x0])
 
 
 def flow_sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
@@ -141,7 +160,6 @@ def euler_sample(
     velocity_fn: VelocityFn,
     x_init: torch.Tensor,
     sigmas: torch.Tensor,
-    keep_trajectory: bool = False,
     *,
     generator: Optional[torch.Generator] = None,
 ) -> Rollout:
@@ -149,14 +167,10 @@ def euler_sample(
     `generator` is unused)."""
     grid = [float(s) for s in sigmas]
     x = x_init
-    states: List[torch.Tensor] = [x] if keep_trajectory else []
     for sigma, sigma_next in zip(grid[:-1], grid[1:]):
         v = velocity_fn(x, _sigma_batch(x, sigma))
         x = x + v * (sigma_next - sigma)
-        if keep_trajectory:
-            states.append(x)
-    trajectory = torch.stack(states) if keep_trajectory else None
-    return Rollout(x0=x, sigmas=sigmas, nfe=len(grid) - 1, trajectory=trajectory)
+    return Rollout(x0=x, sigmas=sigmas, nfe=len(grid) - 1)
 
 
 def _log_snr(sigma: float) -> float:
@@ -173,7 +187,6 @@ def dpm2_sample(
     velocity_fn: VelocityFn,
     x_init: torch.Tensor,
     sigmas: torch.Tensor,
-    keep_trajectory: bool = False,
     model_time: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     *,
     generator: Optional[torch.Generator] = None,
@@ -196,7 +209,6 @@ def dpm2_sample(
     grid = [float(s) for s in sigmas]
     num_steps = len(grid) - 1
     x = x_init
-    states: List[torch.Tensor] = [x] if keep_trajectory else []
     m_prev: Optional[torch.Tensor] = None
     h_prev = math.inf
     for i in range(num_steps):
@@ -213,7 +225,4 @@ def dpm2_sample(
         if second_order:
             x_next = x_next + (0.5 * alpha_t * phi * h / h_prev) * (m - m_prev)
         x, m_prev, h_prev = x_next, m, h
-        if keep_trajectory:
-            states.append(x)
-    trajectory = torch.stack(states) if keep_trajectory else None
-    return Rollout(x0=x, sigmas=sigmas, nfe=num_steps, trajectory=trajectory)
+    return Rollout(x0=x, sigmas=sigmas, nfe=num_steps)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Dict
@@ -21,7 +20,8 @@ from tqdm import tqdm
 from diffrl_bench.advantages import group_advantages, zero_variance_mask
 from diffrl_bench.algorithm import RolloutBatch
 from diffrl_bench.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from diffrl_bench.config import algo_config, save_config
+from diffrl_bench.config import accepts_argument, algo_config, resolve_sampler_options, save_config
+from diffrl_bench.distributed import Processes, make_accelerator, make_generators
 from diffrl_bench.evaluate import EVAL_EMA, build_eval_rewards, eval_snapshot, evaluate
 from diffrl_bench.ledger import CostLedger
 from diffrl_bench.models import THETA, build_policy, calls_per_velocity, index_condition
@@ -29,6 +29,7 @@ from diffrl_bench.plots import plot_reward_vs_cost, save_image_grid
 from diffrl_bench.prompts import load_prompts
 from diffrl_bench.registry import ALGORITHMS, SAMPLERS
 from diffrl_bench.reward_harness import WeightedReward
+from diffrl_bench.rollout import sample_chunks
 from diffrl_bench.runlog import MetricsLog, run_info
 from diffrl_bench.sampling import Transitions, flow_sigmas
 from diffrl_bench.schedules import eval_ema_decay
@@ -36,8 +37,6 @@ from diffrl_bench.schedules import eval_ema_decay
 log = logging.getLogger("diffrl_bench")
 
 GRID_IMAGES_PER_PROMPT = 4
-RANK_SEED_STRIDE = 7919
-PER_RANK_GENERATORS = ("train", "sampler")
 
 
 def output_dir_of(cfg: DictConfig) -> Path:
@@ -63,29 +62,21 @@ def _reduce_metric(key: str, acc, value: torch.Tensor, weight: float) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, progress: bool = True):
-        from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs
+    """One run: builds the policy, the algorithm plugin, rewards, prompts and random streams from a run config, and
+    drives RL steps (`rl_step`: `collect` -> `optimize`), evaluations, checkpoints and the cost ledger until the step
+    limit or a budget is reached (`run`). Every model call goes through it; the plugin only declares what it needs.
+    Multi-process collectives and random streams are in diffrl_bench/distributed.py (`self.processes`)."""
 
+    def __init__(self, cfg: DictConfig, progress: bool = True):
         self.cfg = cfg
         self.progress = progress
         self.out = output_dir_of(cfg)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
-        want_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
-        precision = cfg.train.mixed_precision
-        if precision == "auto":
-            precision = "no" if want_cpu else "bf16"
-        self.deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
-        handlers = []
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-            # CPU processes talk over gloo; without it accelerate + DeepSpeed miscount the world (ENV_NOTES).
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        # `cpu=True` would silently drop DeepSpeed, so it is only set for plain CPU / DDP runs.
-        self.accelerator = Accelerator(cpu=want_cpu and not self.deepspeed, mixed_precision=precision,
-                                       kwargs_handlers=handlers)
+        self.accelerator, self.deepspeed = make_accelerator(cfg.train)
         device = self.accelerator.device
-        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.processes = Processes(self.accelerator)
+        self.world, self.rank = self.processes.world, self.processes.rank
         images = cfg.rollout.prompts_per_step * cfg.rollout.images_per_prompt
         if images % self.world:
             raise ValueError(f"rollout.prompts_per_step x rollout.images_per_prompt = {images} images per step do not "
@@ -117,21 +108,13 @@ class Trainer:
         self.train_prompts = load_prompts(cfg.data.train_prompts, "data.train_prompts")
         self.eval_prompts = load_prompts(cfg.data.eval_prompts, "data.eval_prompts")
 
-        seed = cfg.train.seed
-        # Separate streams, so that e.g. changing the micro-batch size does not change which prompts are drawn.
-        # `prompts` and `noise` (initial noise) are shared by every process, which each take their slice of the
-        # step's images, so a run's rollouts do not depend on the number of processes; the sampler's own noise and
-        # the training draws are per process (offset by rank), so processes never repeat each other's noise.
-        offset = RANK_SEED_STRIDE * self.rank
-        self.generators: Dict[str, torch.Generator] = {
-            "prompts": torch.Generator().manual_seed(seed * 1000 + 1),
-            "noise": torch.Generator().manual_seed(seed * 1000 + 2),
-            "train": torch.Generator().manual_seed(seed * 1000 + 3 + offset),
-            "sampler": torch.Generator().manual_seed(seed * 1000 + 4 + offset),
-        }
+        self.generators: Dict[str, torch.Generator] = make_generators(cfg.train.seed, self.rank)
         self.ledger = CostLedger(world_size=self.accelerator.num_processes, device_kind=_device_kind(self.accelerator),
                                  reward_server_devices=cfg.reward.server_devices)
         self.sigmas = flow_sigmas(cfg.rollout.sampler.num_steps, cfg.rollout.sampler.shift)
+        self.sampler = SAMPLERS.get(cfg.rollout.sampler.name)
+        # Resolved once: the sampler's signature defaults under the config's options; the algorithm reads them on the batch.
+        self.sampler_options = resolve_sampler_options(cfg.rollout.sampler)
         self.step = 0
         self.optimizer_steps = 0
         self.out.mkdir(parents=True, exist_ok=True)
@@ -141,17 +124,8 @@ class Trainer:
             self._maybe_resume()
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
-        """Concatenate every process's equal-sized slice, in rank order (= the step's image order)."""
-        if self.world == 1:
-            return values
-        return self.accelerator.gather(values.to(self.accelerator.device)).cpu()
-
-    def gather_scores(self, scores: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """`gather` for a dict of (local,) scores, as float64, in one collective instead of one per entry."""
-        if self.world == 1:
-            return {key: value.double() for key, value in scores.items()}
-        columns = self.gather(torch.stack([value.double() for value in scores.values()], dim=1))
-        return dict(zip(scores, columns.unbind(dim=1)))
+        """Every process's equal-sized slice, in rank order (`Processes.gather`)."""
+        return self.processes.gather(values)
 
     def step_group_ids(self) -> torch.Tensor:
         """(P*K,) the prompt group of every image of a step, in the step's image order."""
@@ -210,62 +184,49 @@ class Trainer:
             noise = torch.randn((P * K, *shape), generator=g["noise"])
         # This process's contiguous slice of the step's images: a prompt's K images may span processes, so
         # rewards are gathered before the group statistics are computed.
-        lo, hi = self.rank * P * K // self.world, (self.rank + 1) * P * K // self.world
-        local = hi - lo
+        mine = self.processes.local_slice(P * K)
+        lo, hi = mine.start, mine.stop
         texts = [p.text for p in prompts[lo:hi]]
         metadata = [p.metadata for p in prompts[lo:hi]]
         group_ids = group_ids_all[lo:hi]
         noise = noise[lo:hi]
-        sampler = SAMPLERS.get(r.sampler.name)
         request = self.algo.rollout
-        snapshot = request.snapshot
         cfg_scale = r.sampler.cfg_scale
-        sampler_kwargs = dict(OmegaConf.to_container(r.sampler.options), generator=g["sampler"])
+        sampler_kwargs = dict(self.sampler_options, generator=g["sampler"])
         if request.record_before is not None:
             sampler_kwargs["record_before"] = request.record_before
-        shared_prefix = bool(r.sampler.options.get("shared_prefix"))
-        x0s, trajectories, transitions, futures = [], [], [], []
+        # Samplers that work per prompt group (e.g. a shared ODE prefix) name `groups` in their signature.
+        offer_groups = accepts_argument(self.sampler, "groups")
+        x0s, transitions, futures = [], [], []
         with torch.no_grad():
             cond = self.policy.encode_prompts(texts)
-            for start in range(0, local, r.chunk_size):
-                stop = min(start + r.chunk_size, local)
-                with self.ledger.phase("rollout"):
-                    chunk_cond = index_condition(cond, slice(start, stop))
-
-                    def velocity(x, sigma, rows=None, c=chunk_cond):
-                        c = c if rows is None else index_condition(c, rows)
-                        return self.policy.velocity(x, sigma, c, snapshot=snapshot, cfg_scale=cfg_scale)
-
-                    # A shared ODE prefix is computed once per prompt group, so the sampler needs the group ids.
-                    chunk_kwargs = dict(sampler_kwargs, groups=group_ids[start:stop]) if shared_prefix else sampler_kwargs
-                    rollout = sampler(velocity, noise[start:stop].to(self.policy.device), self.sigmas,
-                                      keep_trajectory=request.keep_trajectory, **chunk_kwargs)
-                    images = self.policy.decode(rollout.x0).cpu()
+            chunks = sample_chunks(self.policy, lambda rows: index_condition(cond, rows), noise, self.sampler,
+                                   self.sigmas, sampler_kwargs, snapshot=request.snapshot, cfg_scale=cfg_scale,
+                                   chunk_size=r.chunk_size, groups=group_ids if offer_groups else None,
+                                   phase=lambda: self.ledger.phase("rollout"))
+            for chunk, rollout, images in chunks:
                 # Every process samples an equal share: the ledger counts them all.
                 self.ledger.add_nfe("rollout", rollout.sample_nfe() * calls_per_velocity(cfg_scale) * self.world)
                 if request.keep_x0:
                     x0s.append(rollout.x0)
-                if rollout.trajectory is not None:
-                    trajectories.append(rollout.trajectory)
                 if request.record_before is not None:
                     if rollout.transitions is None:
                         raise RuntimeError(f"sampler {r.sampler.name!r} returned no transitions although the "
                                            f"algorithm {self.cfg.algorithm!r} asked for them")
                     transitions.append(rollout.transitions)
-                futures.append(self.reward.submit(images, texts[start:stop], metadata[start:stop]))
+                futures.append(self.reward.submit(images, texts[chunk], metadata[chunk]))
             with self.ledger.phase("reward"):
                 results = [f.result() for f in futures]
         self.ledger.add_images(P * K)
         scores = {key: torch.cat([res[key] for res in results]) for key in results[0]}
-        step_scores = self.gather_scores(scores)
+        step_scores = self.processes.gather_scores(scores)
         rewards = scores.pop(WeightedReward.TOTAL).double()
         advantages = group_advantages(step_scores[WeightedReward.TOTAL], group_ids_all,
                                       std=self.cfg.advantage.std)[lo:hi]
         return RolloutBatch(x0=torch.cat(x0s) if x0s else None, cond=cond, prompts=texts, metadata=metadata,
                             group_ids=group_ids, rewards=rewards, advantages=advantages, reward_components=scores,
                             step_scores=step_scores, step_group_ids=group_ids_all, step_offset=lo,
-                            sigmas=self.sigmas,
-                            trajectory=torch.cat(trajectories, dim=1) if trajectories else None,
+                            sigmas=self.sigmas, sampler_options=dict(self.sampler_options),
                             transitions=Transitions.cat(transitions) if transitions else None, cfg_scale=cfg_scale)
 
     # ------------------------------------------------------------------------------------------------- train
@@ -370,7 +331,7 @@ class Trainer:
         row["reward/std"] = rewards.std(unbiased=False).item()
         for key in batch.reward_components:
             row[f"reward/{key}"] = batch.step_scores[key].mean().item()
-        row["train/zero_variance_frac"] = zero_variance_mask(rewards, self.step_group_ids()).double().mean().item()
+        row["train/zero_variance_frac"] = zero_variance_mask(rewards, batch.step_group_ids).double().mean().item()
         row["train/step_s"] = time.perf_counter() - start
         row.update(self.ledger.columns())
         return row
@@ -398,24 +359,8 @@ class Trainer:
         first = self.cfg.eval.rewards[0] if self.cfg.eval.rewards else "reward"
         return f"eval/{first}.strict.task_mean"
 
-    def _generators_by_rank(self) -> Dict[str, torch.Generator]:
-        """The checkpoint's generators: the shared ones once, the per-process ones of every rank (`train@rank1`)."""
-        saved = {name: g for name, g in self.generators.items() if name not in PER_RANK_GENERATORS}
-        for name in PER_RANK_GENERATORS:
-            states = self.gather(self.generators[name].get_state()[None])
-            for rank in range(self.world):
-                g = torch.Generator()
-                g.set_state(states[rank].contiguous())
-                saved[name if rank == 0 else f"{name}@rank{rank}"] = g
-        return saved
-
-    def _own_generators(self) -> Dict[str, torch.Generator]:
-        """This process's generators under their checkpoint names."""
-        return {(name if self.rank == 0 or name not in PER_RANK_GENERATORS else f"{name}@rank{self.rank}"): g
-                for name, g in self.generators.items()}
-
     def save(self) -> None:
-        generators = self._generators_by_rank()  # a collective: every process takes part
+        generators = self.processes.generators_by_rank(self.generators)  # a collective: every process takes part
         if self.accelerator.is_main_process:
             trainer_state = {"step": self.step, "optimizer_steps": self.optimizer_steps,
                              "ledger": self.ledger.state_dict(), "world_size": self.world}
@@ -433,7 +378,7 @@ class Trainer:
                 log.info("no checkpoint to resume from; earlier rows moved to %s", moved)
             return
         state, snapshots = load_checkpoint(path, model=self.policy.core, optimizer=self.optimizer,
-                                           generators=self._own_generators())
+                                           generators=self.processes.own_generators(self.generators))
         self.policy.load_snapshot_state_dict(snapshots)
         self.step, self.optimizer_steps = state["step"], state["optimizer_steps"]
         self.ledger.load_state_dict(state["ledger"])
@@ -447,12 +392,8 @@ class Trainer:
             return True
         spent = (t.budget_gpu_hours > 0 and self.ledger.gpu_hours >= t.budget_gpu_hours) or (
             t.budget_nfe > 0 and self.ledger.budget_nfe >= t.budget_nfe)
-        if self.world > 1:
-            # Each process times itself; the main process decides for all, or they would stop at different steps.
-            from accelerate.utils import broadcast
-
-            spent = bool(broadcast(torch.tensor([float(spent)], device=self.accelerator.device), from_process=0))
-        return spent
+        # Each process times itself; the main process decides for all, or they would stop at different steps.
+        return self.processes.broadcast_flag(spent)
 
     def run(self) -> Path:
         cfg = self.cfg
@@ -465,7 +406,9 @@ class Trainer:
             self.run_eval("start")
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc=cfg.name, unit="step", disable=not self.progress)
         try:
-            while not self.finished():
+            # Asked once per step: under several processes `finished` is a collective.
+            last = self.finished()
+            while not last:
                 row = self.rl_step()
                 self.metrics.append(row)
                 bar.update(1)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from diffrl_bench.algorithms.awm import awm_log_likelihood, awm_loss
-from diffrl_bench.algorithms.crd import _crd_case_outputs, crd_loss
+from diffrl_bench.algorithms.crd import crd_loss
+from diffrl_bench.algorithms.parity_runners import _crd_case_outputs
 from diffrl_bench.parity import WITHIN_GROUP_PREFIX
 from diffrl_bench.parity import check_case, load_cases
 

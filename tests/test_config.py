@@ -31,8 +31,9 @@ def test_unknown_keys_and_wrong_types_name_the_key_path(override, key):
     ("reward.components={nope: 1.0}", "reward.components.nope", "unknown reward"),
     ("advantage.std=batch", "advantage.std", "not 'global'"),
     ("rollout.images_per_prompt=1", "rollout.images_per_prompt", "K >= 2"),
-    ("algo.loss_form=huber", "algo", "loss_form"),
-    ("algo.old_decay=fastest", "algo", "old_decay"),
+    ("algo.loss_form=huber", "algo.loss_form", "'huber' is not one of"),
+    ("algo.old_decay=fastest", "algo.old_decay", "presets"),
+    ("algo.kl_beta=-1", "algo.kl_beta", "non-negative"),
     ("train.optimizer_steps_per_rollout=3", "train.optimizer_steps_per_rollout", "divide"),
     ("eval.ema_decay=1.0", "eval.ema_decay", "not in [0, 1)"),
     ("eval.ema_every=0", "eval.ema_every", "at least 1"),
@@ -70,3 +71,16 @@ def test_cli_stops_before_any_work_on_a_bad_key(tmp_path, caplog):
     assert code == 2
     assert not out.exists()
     assert "train.bogus" in caplog.text
+
+
+def test_sampler_options_resolve_over_the_signature_defaults():
+    from diffrl_bench.config import resolve_sampler_options
+    from diffrl_bench.sde import DEFAULT_NOISE_LEVEL, DEFAULT_SDE_TYPE
+
+    cfg = load_config("toy_flow_grpo", ["rollout.sampler.options={noise_level: 0.8}"])
+    resolved = resolve_sampler_options(cfg.rollout.sampler)
+    assert resolved["noise_level"] == 0.8  # the config wins
+    assert resolved["sde_type"] == DEFAULT_SDE_TYPE and resolved["window_size"] == 0  # the signature fills the rest
+    assert "record_before" not in resolved and "groups" not in resolved  # harness arguments are not options
+    assert resolve_sampler_options(load_config("toy_nft").eval.sampler) == {"model_time": None}
+    assert DEFAULT_NOISE_LEVEL == 0.7  # Flow-GRPO's released default (METHODS.md section 1)

@@ -134,3 +134,29 @@ def test_rft_keeps_processes_in_step_when_their_shares_differ(tiny_run, tmp_path
     params = sorted(k for k in ranks[0] if k.startswith("param"))
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in params)
     assert any(not torch.equal(ranks[0][k], ranks[0][k.replace("param", "init")]) for k in params)
+
+
+# ----------------------------------------------------------------------------- diffrl_bench/distributed.py, no launch
+
+from types import SimpleNamespace  # noqa: E402
+
+from diffrl_bench.distributed import PER_RANK_GENERATORS, Processes, make_generators  # noqa: E402
+
+
+def test_shared_streams_are_equal_on_every_rank_and_per_rank_streams_differ():
+    ranks = [make_generators(seed=3, rank=r) for r in range(3)]
+    draws = [{name: torch.rand(4, generator=g) for name, g in gens.items()} for gens in ranks]
+    for name in ("prompts", "noise"):  # every process draws the step's prompts and initial noise alike
+        assert all(torch.equal(d[name], draws[0][name]) for d in draws)
+    for name in PER_RANK_GENERATORS:  # no process repeats another's sampler or training noise
+        assert len({tuple(d[name].tolist()) for d in draws}) == 3
+    other_seed = make_generators(seed=4, rank=0)
+    assert not torch.equal(torch.rand(4, generator=other_seed["noise"]), draws[0]["noise"])
+
+
+@pytest.mark.parametrize("world, total", [(1, 12), (2, 12), (3, 12), (4, 10)])
+def test_local_slices_tile_the_step_in_rank_order(world, total):
+    slices = [Processes(SimpleNamespace(num_processes=world, process_index=r)).local_slice(total)
+              for r in range(world)]
+    covered = [i for s in slices for i in range(total)[s]]
+    assert covered == list(range(total))

@@ -8,10 +8,10 @@ import torch
 
 from diffrl_bench.algorithms.awm import awm_log_likelihood
 from diffrl_bench.algorithms.estimators import ESTIMATORS, matching_error
-from diffrl_bench.algorithms.flow_grpo import sde_step_logprob
 from diffrl_bench.algorithms.objectives import OBJECTIVES, importance_weight, parse_advantage
 from diffrl_bench.algorithms.weighting import adaptive_x0_loss
 from diffrl_bench.config import ConfigError, load_config
+from diffrl_bench.sde import sde_step_logprob
 from diffrl_bench.train import Trainer
 
 F64 = torch.float64
@@ -232,9 +232,9 @@ def test_nonsense_combinations_are_rejected_at_config_time(tiny_run, tmp_path):
         load_config("toy_elbo_pg", overrides(tiny_run, "algo.objective=grpo", "algo.use_ratio=false", out=out))
     with pytest.raises(ConfigError, match="'algo.num_train_times': 5 times per sample from grid_subset exceeds"):
         load_config("toy_elbo_pg", overrides(tiny_run, "algo.num_train_times=5", out=out))
-    with pytest.raises(ConfigError, match="estimator 'elbo' is not one of .*elbo_adaptive"):
+    with pytest.raises(ConfigError, match="'algo.estimator': 'elbo' is not one of .*elbo_adaptive"):
         load_config("toy_elbo_pg", overrides(tiny_run, "algo.estimator=elbo", out=out))
-    with pytest.raises(ConfigError, match="objective 'ppo' is not one of .*pepg"):
+    with pytest.raises(ConfigError, match="'algo.objective': 'ppo' is not one of .*pepg"):
         load_config("toy_elbo_pg", overrides(tiny_run, "algo.objective=ppo", out=out))
     # Forward estimators only need x0, so an SDE sampler is fine; PAR without the ratio is a valid variant.
     load_config("toy_elbo_pg", overrides(tiny_run, "rollout.sampler.name=flow_grpo_sde", out=out))

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from diffrl_bench.algorithms.flow_grpo import flow_grpo_sde_sample, grpo_loss, sde_step_logprob
+from diffrl_bench.algorithms.flow_grpo import grpo_loss
+from diffrl_bench.sde import flow_grpo_sde_sample, sde_step_logprob
 from diffrl_bench.registry import SAMPLERS
-from diffrl_bench.sampling import euler_sample, flow_sigmas
+from diffrl_bench.sampling import StateRecorder, euler_sample, flow_sigmas
 
 SHAPE = (4, 3, 4, 4)
 # An SD3-like grid (shift 3, 10 steps): first value 1, last 0.
@@ -266,25 +267,28 @@ def test_stored_log_probs_are_the_behaviour_log_probs_of_each_transition():
     """Re-scoring every stored transition with the same velocity gives the stored value: ratio exactly 1."""
     x = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(1))
     sigmas = flow_sigmas(10, 3.0)
-    out = flow_grpo_sde_sample(_field, x, sigmas, keep_trajectory=True, generator=torch.Generator().manual_seed(2))
-    assert out.trajectory.shape == (11, 4, 2, 4, 4) and torch.equal(out.trajectory[-1], out.x0)
+    recorder = StateRecorder(_field)
+    out = flow_grpo_sde_sample(recorder, x, sigmas, generator=torch.Generator().manual_seed(2))
+    trajectory = recorder.trajectory(out.x0)
+    assert trajectory.shape == (11, 4, 2, 4, 4)
     for i in range(9):  # the last step (to sigma = 0) is deterministic in the sde form's limit; skip its density
-        xi = out.trajectory[i]
+        xi = trajectory[i]
         v = _field(xi, torch.full((4,), float(sigmas[i])))
         again = sde_step_logprob(xi, v, float(sigmas[i]), float(sigmas[i + 1]), float(sigmas[1]),
-                                 prev_sample=out.trajectory[i + 1])
+                                 prev_sample=trajectory[i + 1])
         assert torch.equal(torch.exp(again.log_prob - out.log_probs[i]), torch.ones(4)), i
 
 
 def test_sde_window_makes_only_w_consecutive_steps_stochastic():
     x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(3))
     sigmas = flow_sigmas(10, 3.0)
-    out = flow_grpo_sde_sample(_field, x, sigmas, window_size=3, keep_trajectory=True,
-                               generator=torch.Generator().manual_seed(4))
+    recorder = StateRecorder(_field)
+    out = flow_grpo_sde_sample(recorder, x, sigmas, window_size=3, generator=torch.Generator().manual_seed(4))
+    trajectory = recorder.trajectory(out.x0)
     idx = out.stochastic.nonzero().flatten().tolist()
     assert len(idx) == 3 and idx == list(range(idx[0], idx[0] + 3))
     for i in range(10):
-        xi, nxt = out.trajectory[i], out.trajectory[i + 1]
+        xi, nxt = trajectory[i], trajectory[i + 1]
         euler = xi + _field(xi, torch.full((2,), float(sigmas[i]))) * (float(sigmas[i + 1]) - float(sigmas[i]))
         if i in idx:
             assert not torch.allclose(nxt, euler) and torch.isfinite(out.log_probs[i]).all()
@@ -307,12 +311,12 @@ def test_rollout_sampler_is_reproducible_from_its_generator():
 def test_recorded_transitions_are_exactly_the_trained_steps_and_nothing_else():
     x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(8))
     sigmas = flow_sigmas(10, 3.0)
-    full = flow_grpo_sde_sample(_field, x, sigmas, keep_trajectory=True, generator=torch.Generator().manual_seed(9))
+    recorder = StateRecorder(_field)
+    full = flow_grpo_sde_sample(recorder, x, sigmas, generator=torch.Generator().manual_seed(9))
     out = flow_grpo_sde_sample(_field, x, sigmas, record_before=9, generator=torch.Generator().manual_seed(9))
-    assert out.trajectory is None
     tr = out.transitions
     # 9 trained transitions need 10 latents: x_0 .. x_9 of the (same-noise) trajectory; the last state is not kept.
-    assert tr.latents.shape == (10, 3, 2, 4, 4) and torch.equal(tr.latents, full.trajectory[:10])
+    assert tr.latents.shape == (10, 3, 2, 4, 4) and torch.equal(tr.latents, recorder.trajectory(full.x0)[:10])
     assert torch.equal(tr.steps, torch.arange(9)[:, None].expand(9, 3))
     assert torch.equal(tr.log_probs, full.log_probs[:9])
     assert torch.equal(out.x0, full.x0)

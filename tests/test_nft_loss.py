@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from diffrl_bench.algorithms.nft import nft_forward_noise, nft_loss
-from diffrl_bench.algorithms.weighting import adaptive_x0_loss, mean_chw
+from diffrl_bench.algorithms.nft import nft_loss
+from diffrl_bench.algorithms.weighting import adaptive_x0_loss
+from diffrl_bench.flow import forward_noise, mean_chw
 
 
 # Parity with the original code: every case runs in tests/test_parity.py.
@@ -16,7 +17,7 @@ def make_batch(seed=0, shape=(4, 3, 4, 4)):
     v_old = eps - x0 + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)
     v_theta = v_old + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)
     v_ref = v_old + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)
-    return dict(x0=x0, eps=eps, t=t, x_t=nft_forward_noise(x0, eps, t), v_theta=v_theta, v_old=v_old, v_ref=v_ref)
+    return dict(x0=x0, eps=eps, t=t, x_t=forward_noise(x0, eps, t), v_theta=v_theta, v_old=v_old, v_ref=v_ref)
 
 
 def call(b, advantages, v_theta=None, **kw):
@@ -38,8 +39,8 @@ def grad_of(loss_fn, v):
 def test_forward_noise_endpoints():
     b = make_batch()
     ones, zeros = torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
-    assert torch.equal(nft_forward_noise(b["x0"], b["eps"], zeros), b["x0"])
-    assert torch.equal(nft_forward_noise(b["x0"], b["eps"], ones), b["eps"])
+    assert torch.equal(forward_noise(b["x0"], b["eps"], zeros), b["x0"])
+    assert torch.equal(forward_noise(b["x0"], b["eps"], ones), b["eps"])
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.1])

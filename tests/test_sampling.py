@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffrl_bench.registry import SAMPLERS
-from diffrl_bench.sampling import Rollout, dpm2_sample, euler_sample, flow_sigmas
+from diffrl_bench.sampling import Rollout, StateRecorder, dpm2_sample, euler_sample, flow_sigmas
 
 PARITY_DIR = Path(os.environ.get("DIFFRL_PARITY_DIR", Path(__file__).parent / "data" / "parity" / "public"))
 SAMPLERS_UNDER_TEST = [euler_sample, dpm2_sample]
@@ -119,23 +119,24 @@ def test_nfe_time_argument_and_trajectory(sampler):
         return -0.5 * x
 
     z = torch.randn(3, 2, 4, 4, dtype=torch.float64)
-    out = sampler(velocity, z, grid, keep_trajectory=True)
+    recorder = StateRecorder(velocity)
+    out = sampler(recorder, z, grid)
     assert isinstance(out, Rollout)
     assert out.nfe == 6 == len(seen)
     assert seen == pytest.approx(grid[:-1].tolist())
-    assert out.trajectory.shape == (7, 3, 2, 4, 4)
-    assert torch.equal(out.trajectory[0], z)
-    assert torch.equal(out.trajectory[-1], out.x0)
+    trajectory = recorder.trajectory(out.x0)
+    assert trajectory.shape == (7, 3, 2, 4, 4)
+    assert torch.equal(trajectory[0], z)
     assert torch.equal(out.sigmas, grid)
-    assert sampler(velocity, z, grid).trajectory is None
 
 
 def test_euler_step_formula():
     grid = torch.tensor([1.0, 0.6, 0.0], dtype=torch.float64)
     z = torch.ones(1, 2)
-    out = euler_sample(lambda x, t: torch.full_like(x, 2.0) * t[:, None], z, grid, keep_trajectory=True)
+    recorder = StateRecorder(lambda x, t: torch.full_like(x, 2.0) * t[:, None])
+    out = euler_sample(recorder, z, grid)
     # x1 = 1 + 2*1.0*(0.6 - 1) = 0.2; x2 = 0.2 + 2*0.6*(0 - 0.6) = -0.52.
-    torch.testing.assert_close(out.trajectory[:, 0, 0], torch.tensor([1.0, 0.2, -0.52]))
+    torch.testing.assert_close(recorder.trajectory(out.x0)[:, 0, 0], torch.tensor([1.0, 0.2, -0.52]))
 
 
 def test_dpm2_model_time_changes_only_what_the_model_sees():

@@ -1,0 +1,71 @@
+"""Training items of the trajectory-likelihood methods (Flow-GRPO, elbo_pg's `trajectory` estimator): stored
+stochastic transitions `x -> x'` of the rollout sampler, with the behaviour log-prob of each.
+
+The sampler records the transitions the algorithm asks for (`RolloutRequest.record_before`, computed by
+`trained_transition_steps`); `transition_items` cuts them into items and attaches the step settings the sampler used
+(`item.options`: the SDE's noise_level and sde_type, from `RolloutBatch.sampler_options`), so a loss recomputes each
+step's likelihood with `sde_step_logprob(..., **item.options)` and never re-reads the run config.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from diffrl_bench.algorithm import OptionError, RolloutBatch, TrainingItem
+from diffrl_bench.config import resolve_sampler_options
+from diffrl_bench.registry import SAMPLERS
+from diffrl_bench.sampling import time_dtype
+from diffrl_bench.sde import sde_step_options
+
+
+def records_transitions(run: Any) -> bool:
+    """Whether the run's rollout sampler can record stochastic transitions (`flow_grpo_sde`; ODE solvers cannot)."""
+    return bool(getattr(SAMPLERS.get(run.rollout.sampler.name), "records_transitions", False))
+
+
+def trained_transition_steps(run: Any, timestep_fraction: float) -> int:
+    """How many sampler steps a trajectory method records: every window step, or the first int(N * fraction)."""
+    sampler = run.rollout.sampler
+    if int(resolve_sampler_options(sampler).get("window_size", 0)) > 0:
+        return sampler.num_steps
+    return int(sampler.num_steps * timestep_fraction)
+
+
+def check_trained_transitions(timestep_fraction: float, run: Any) -> None:
+    """Load-time check: at least one sampler step is trained (a fraction that rounds to 0 steps is a typo)."""
+    if trained_transition_steps(run, timestep_fraction) < 1:
+        raise OptionError("timestep_fraction", f"int({run.rollout.sampler.num_steps} x {timestep_fraction}) = 0 "
+                                               f"sampler steps would be trained")
+
+
+def transition_items(batch: RolloutBatch, indices: torch.Tensor, micro_batch_size: int, snapshots: Sequence[str],
+                     advantages: torch.Tensor, method: str,
+                     snapshot_cfg: Optional[Dict[str, float]] = None) -> List[TrainingItem]:
+    """One item per (micro-batch of samples, recorded step), samples outer and steps inner as in Flow-GRPO.
+
+    With `train.shuffle: false` and `train.micro_batch_size == rollout.chunk_size` the items have exactly the
+    rollout's batch layout, so the recomputed log-probs equal the behaviour ones bit for bit before the first
+    optimizer step (ratio exactly 1). The model sees sigma in the dtype the sampler handed it.
+
+    Args:
+        advantages: (B,) over the whole batch, in the method's scale; `method` names the algorithm in errors.
+    """
+    tr = batch.transitions
+    if tr is None:
+        raise ValueError(f"{method} needs the rollout's transitions (rollout.sampler.name: flow_grpo_sde)")
+    step_options = sde_step_options(batch.sampler_options)
+    sigmas = batch.sigmas
+    items = []
+    for start in range(0, len(indices), micro_batch_size):
+        rows = indices[start:start + micro_batch_size]
+        for r in range(tr.num_steps):
+            x = tr.latents[r, rows]
+            step = tr.steps[r, rows]
+            items.append(TrainingItem(
+                index=rows, x=x, sigma=sigmas[step].to(time_dtype(x)), snapshots=tuple(snapshots),
+                cfg_scale=batch.cfg_scale, snapshot_cfg=dict(snapshot_cfg or {}), options=dict(step_options),
+                data={"x_next": tr.latents[r + 1, rows], "sigma_next": sigmas[step + 1],
+                      "sigma_first_next": sigmas[1].reshape(1), "old_log_prob": tr.log_probs[r, rows],
+                      "advantages": advantages[rows]}))
+    return items

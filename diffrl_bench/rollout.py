@@ -1,0 +1,47 @@
+"""The one sampling loop: a policy snapshot samples images chunk by chunk, for training rollouts (Trainer.collect)
+and for evaluation (evaluate.generate) alike.
+
+Each chunk's conditioning comes from `condition(chunk)` (training encodes the step's prompts once and indexes them;
+evaluation encodes each chunk as it goes, so a large eval set is never encoded at once). The velocity handed to the
+sampler evaluates `snapshot` with `cfg_scale` and accepts `rows=` (a sampler working on one representative per
+prompt group asks for a subset of the chunk's rows).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Tuple
+
+import torch
+
+from diffrl_bench.models import index_condition
+from diffrl_bench.sampling import Rollout
+
+
+def sample_chunks(policy, condition: Callable[[slice], Any], noise: torch.Tensor, sampler: Callable,
+                  sigmas: torch.Tensor, sampler_kwargs: Dict[str, Any], *, snapshot: str, cfg_scale: float,
+                  chunk_size: int, groups: Optional[torch.Tensor] = None,
+                  phase: Callable[[], ContextManager] = contextlib.nullcontext,
+                  ) -> Iterator[Tuple[slice, Rollout, torch.Tensor]]:
+    """Yield `(chunk, rollout, images)` for consecutive chunks of `noise`'s rows; images decoded to [0, 1] on the CPU.
+
+    Args:
+        condition: the conditioning of a chunk of rows.
+        sampler_kwargs: the sampler's options and harness arguments (generator, record_before, ...).
+        groups: (B,) prompt-group ids, passed to the sampler per chunk as `groups` when given.
+        phase: a context entered around each chunk's sampling and decoding (the cost ledger's rollout phase), so
+            the caller's work between chunks (submitting rewards) stays outside it.
+    """
+    total = noise.shape[0]
+    for start in range(0, total, chunk_size):
+        chunk = slice(start, min(start + chunk_size, total))
+        with phase():
+            chunk_cond = condition(chunk)
+
+            def velocity(x, sigma, rows=None, c=chunk_cond):
+                c = c if rows is None else index_condition(c, rows)
+                return policy.velocity(x, sigma, c, snapshot=snapshot, cfg_scale=cfg_scale)
+
+            kwargs = sampler_kwargs if groups is None else dict(sampler_kwargs, groups=groups[chunk])
+            rollout = sampler(velocity, noise[chunk].to(policy.device), sigmas, **kwargs)
+            images = policy.decode(rollout.x0).cpu()
+        yield chunk, rollout, images

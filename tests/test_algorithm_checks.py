@@ -1,0 +1,65 @@
+"""The option checks the plugins share (algorithms/checks.py) and how the harness reports them (the field path)."""
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from diffrl_bench.algorithm import OptionError, require
+from diffrl_bench.algorithms.checks import check_decays, check_time_distribution, check_training_times
+from diffrl_bench.config import ConfigError, load_config
+
+
+@dataclass
+class Options:
+    old_decay: Any = "nft"
+    sampler_decay: Any = "0-0.5-0.001-0.9"
+    time_distribution: str = "grid_subset"
+    num_train_times: int = 9
+
+
+def run_with_steps(steps):
+    return SimpleNamespace(rollout=SimpleNamespace(sampler=SimpleNamespace(num_steps=steps)))
+
+
+def test_require_names_the_field():
+    require(True, "kl_beta", "never raised")
+    with pytest.raises(OptionError) as info:
+        require(False, "kl_beta", "must be non-negative")
+    assert info.value.key == "kl_beta" and info.value.reason == "must be non-negative"
+
+
+def test_check_decays_accepts_presets_specs_and_names_the_bad_field():
+    check_decays(Options(), "old_decay", "sampler_decay")
+    with pytest.raises(OptionError) as info:
+        check_decays(Options(sampler_decay="fastest"), "old_decay", "sampler_decay")
+    assert info.value.key == "sampler_decay" and "presets" in info.value.reason and "nft" in info.value.reason
+
+
+@pytest.mark.parametrize("change, key", [({"time_distribution": "gaussian"}, "time_distribution"),
+                                         ({"num_train_times": 0}, "num_train_times")])
+def test_check_time_distribution_rejects_each_field(change, key):
+    check_time_distribution(Options())
+    with pytest.raises(OptionError) as info:
+        check_time_distribution(Options(**change))
+    assert info.value.key == key
+
+
+def test_check_training_times_bounds_grid_distributions_only():
+    check_training_times(Options(num_train_times=10), run_with_steps(10))
+    with pytest.raises(OptionError, match="11 times per sample from grid_subset exceeds the 10"):
+        check_training_times(Options(num_train_times=11), run_with_steps(10))
+    # uniform / logit_normal draw anywhere in (0, 1): any number of times fits
+    check_training_times(Options(time_distribution="uniform", num_train_times=50), run_with_steps(10))
+
+
+@pytest.mark.parametrize("config, override, key", [
+    ("toy_nft", "algo.time_distribution=gaussian", "algo.time_distribution"),
+    ("toy_crd", "algo.sampler_decay=fastest", "algo.sampler_decay"),
+    ("toy_awm", "algo.num_train_times=0", "algo.num_train_times"),
+    ("toy_flow_grpo", "algo.clip_range=0", "algo.clip_range"),
+    ("toy_elbo_pg", "algo.advantage=centered_x", "algo.advantage"),
+])
+def test_validate_errors_keep_the_field_path(config, override, key):
+    with pytest.raises(ConfigError, match=f"bad config key '{key}': "):
+        load_config(config, [override])
