@@ -161,6 +161,7 @@ def render_markdown(analysis: Analysis, figures: Dict[str, str], claims=None) ->
     out += ["## Runs", "", _markdown_table(["arm", "seed", "directory", "last eval step", "final score",
                                              f"GPU-hours to {thr}", f"NFEs to {thr}", "budget GPU-hours"], rows), ""]
 
+    out += a.tuning
     out += ["## Method", "",
             f"- Final score: the headline at each seed's last eval; mean and {pct} Student-t interval over seeds "
             "(n - 1 degrees of freedom; none for a single seed).",

@@ -2,8 +2,9 @@
 
 Every arm gets the same number of trials over the same declared search space, at the same fraction of the sweep's
 budget, scored on a validation split of the *training* prompts (never the held-out prompts the report judges on);
-the best trial's values go into the arm's seeded runs. This module is pure (no runs, no files): expanding the
-trials, splitting the prompts, picking the best, and the report's lines. The sweep runs the trials (see NOTES.md).
+the best trial's values go into the arm's seeded runs. This module is pure (no runs, no files): parsing the section,
+expanding the trials, picking the best, and the report's lines. `sweep.tuning` runs the trials as sweep runs; the
+prompt split itself lives in `prompts` (re-exported here).
 
 ```yaml
 tune:
@@ -23,14 +24,14 @@ unit cube, so no arm gets luckier draws than another.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from diffrl_bench.prompts import parse_split_source, split_source, validation_split  # noqa: F401
 
 TUNE_KEYS = ("trials", "seed", "budget_fraction", "validation", "sampler", "space", "metric")
 VALIDATION_KEYS = ("fraction", "seed")
@@ -243,44 +244,8 @@ def trial_budget(tune: TuneSpec, budget: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-# ----------------------------------------------------------------------------------------- validation split
-_SPLIT = re.compile(r"^(?P<source>.+)~(?P<part>fit|val):(?P<fraction>[0-9.eE+-]+):(?P<seed>-?\d+)$")
-
-
-def validation_split(prompts: Sequence[str], fraction: float, seed: int = 0) -> Tuple[List[int], List[int]]:
-    """Indices (fit, val) of a deterministic split of the training prompts: round(fraction x n) of them (at least
-    one, and at least one left to fit) by a seeded hash of each prompt, so the split does not depend on the order
-    of the prompt file, only on its content. A prompt repeated in the file stays on one side."""
-    n = len(prompts)
-    if n < 2:
-        raise TuneError(f"a validation split needs at least 2 training prompts, got {n}")
-    n_val = min(max(1, int(round(fraction * n))), n - 1)
-
-    def rank(text: str) -> str:
-        return hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()
-
-    order = sorted(range(n), key=lambda i: (rank(prompts[i]), i))
-    chosen = set(prompts[i] for i in order[:n_val])
-    val = [i for i in range(n) if prompts[i] in chosen]
-    fit = [i for i in range(n) if prompts[i] not in chosen]
-    if not fit:
-        raise TuneError("the validation split took every distinct training prompt; lower tune.validation.fraction")
-    return fit, val
-
-
-def split_source(source: str, part: str, fraction: float, seed: int) -> str:
-    """The prompt-source string for one side of the split (`toy:train~val:0.25:0`), for data.*_prompts."""
-    if part not in ("fit", "val"):
-        raise TuneError(f"split part must be fit or val, got {part!r}")
-    return f"{source}~{part}:{fraction:g}:{seed}"
-
-
-def parse_split_source(text: str) -> Optional[Tuple[str, str, float, int]]:
-    """(source, part, fraction, seed) of a split source, or None for a plain source."""
-    match = _SPLIT.match(text)
-    if not match:
-        return None
-    return match["source"], match["part"], float(match["fraction"]), int(match["seed"])
+# The validation split of the training prompts lives in `prompts` (which loads `SOURCE~val:F:S` sources);
+# re-exported here because the tuning stage is what uses it.
 
 
 def trial_config(tune: TuneSpec, trial: Trial, train_source: str) -> Dict[str, Any]:
