@@ -98,7 +98,8 @@ def validation_split(prompts: Sequence[str], fraction: float, seed: int = 0) -> 
     val = [i for i in range(n) if prompts[i] in chosen]
     fit = [i for i in range(n) if prompts[i] not in chosen]
     if not fit:
-        raise PromptFileError("the validation split took every distinct training prompt; lower tune.validation.fraction")
+        raise PromptFileError("the validation split took every distinct training prompt; lower "
+                              "tune.validation.fraction")
     return fit, val
 
 

@@ -365,7 +365,8 @@ def evaluate_claims(runs: Sequence, headline: str, claims: Sequence[Claim], *, n
             cache[metric] = base_and_best(runs, metric)
         base, best, best_arm = cache[metric]
         row = {"claim": claim.name, "kind": claim.kind, "arm": claim.arm, "baseline": claim.baseline,
-               "metric": metric, "cost": (cost or claim.cost) if claim.kind == "speedup" else "", "claimed_speedup": claim.claimed_speedup or float("nan"),
+               "metric": metric, "cost": (cost or claim.cost) if claim.kind == "speedup" else "",
+               "claimed_speedup": claim.claimed_speedup or float("nan"),
                "base_score": base, "best_final": best, "best_arm": best_arm, "level": level, "power": power,
                "threshold": float("nan"), "threshold_fraction": float("nan"), "speedup": float("nan"),
                "ci_low": float("nan"), "ci_high": float("nan"), "bound": NO_BOUND, "censored": "",
@@ -519,7 +520,8 @@ def claims_markdown(result: ClaimsResult, figure: Optional[str] = None) -> str:
                   "triangles are one-sided bounds where some did not; the dashed line is the claim.", ""]
     lines += ["## Claims and how the papers ran their baselines", ""]
     for claim in result.claims:
-        lines.append(f"- **{claim.name}**: {claim.claim} ({claim.source}). Baseline: {claim.provenance['baseline'].rstrip('.')}.")
+        baseline = claim.provenance["baseline"].rstrip(".")
+        lines.append(f"- **{claim.name}**: {claim.claim} ({claim.source}). Baseline: {baseline}.")
         for item in claim.provenance.get("unknown", []):
             lines.append(f"  - unknown: {item}")
     return "\n".join(lines) + "\n"

@@ -24,6 +24,6 @@ from diffrl_bench.sweep.state import STATUSES, status_of, write_sweep_record
 from diffrl_bench.sweep.tuning import choose, expand_tuning, load_chosen
 
 __all__ = ["EXECUTORS", "STATUSES", "Arm", "ExecutorSpec", "Progress", "RunJob", "Spec", "SweepError", "SweepRun",
-           "accelerate_command", "add_arguments", "choose", "device_groups", "dotlist", "execute", "expand", "expand_tuning", "format_counts",
-           "format_table", "format_value", "load_chosen", "load_spec", "main", "run", "run_job", "status_of", "validate_runs",
-           "write_sweep_record"]
+           "accelerate_command", "add_arguments", "choose", "device_groups", "dotlist", "execute", "expand",
+           "expand_tuning", "format_counts", "format_table", "format_value", "load_chosen", "load_spec", "main", "run",
+           "run_job", "status_of", "validate_runs", "write_sweep_record"]
