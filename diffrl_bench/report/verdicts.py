@@ -331,8 +331,11 @@ def claim_sentence(row: dict) -> str:
                 f"{row['heldout_metric']} differs by {row['difference']:+.3g} ({row['level']:.0%} interval "
                 f"{row['ci_low']:+.3g} to {row['ci_high']:+.3g}; {row['n_arm']} vs {row['n_base']} seeds).")
     if row["bound"] == NO_BOUND:
+        at = (f" at threshold {row['threshold']:.3g} ({row['threshold_fraction']:.0%} of the way from the base's "
+              f"{row['base_score']:.3g} to the best final {row['best_final']:.3g})"
+              if np.isfinite(row["threshold"]) and np.isfinite(row["threshold_fraction"]) else "")
         return (f"{row['claim']} ({row['arm']} vs {row['baseline']}, claimed {row['claimed_speedup']:g}x in "
-                f"{row['cost']}): {row['verdict']}: {row['reason']}.")
+                f"{row['cost']}{at}): {row['verdict']}: {row['reason']}.")
     resolution = ""
     if np.isfinite(row["min_detectable_speedup"]):
         resolution = (f"; these seeds resolve speedups from {_ratio(row['min_detectable_speedup'])}x "
