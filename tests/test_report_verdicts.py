@@ -10,6 +10,7 @@ import yaml
 from scipy import stats
 
 from diffrl_bench.report import verdicts as V
+from diffrl_bench.report.claims_output import write_claims
 from diffrl_bench.report.claims import load_claim, parse_claim
 from diffrl_bench.report import load_runs
 
@@ -241,7 +242,7 @@ def test_run_folders_heldout_and_missing_arm_and_outputs(tmp_path):
     assert rows.loc["hacking", "difference"] == pytest.approx(0.3)
     assert rows.loc["hacking", "verdict"] == V.SUPPORTED
     assert rows.loc["dgpo_20", "verdict"] == V.INCONCLUSIVE and "not run" in rows.loc["dgpo_20", "reason"]
-    paths = V.write_claims(result, tmp_path / "out")
+    paths = write_claims(result, tmp_path / "out")
     table = pd.read_csv(paths["csv"])
     for column in ("claim", "arm", "baseline", "threshold", "speedup", "ci_low", "ci_high", "censored", "verdict"):
         assert column in table.columns

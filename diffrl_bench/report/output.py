@@ -11,7 +11,8 @@ from diffrl_bench.report.analysis import Analysis, analyse
 from diffrl_bench.report.figures import plot_cost_breakdown, plot_cost_to_threshold, plot_curves
 from diffrl_bench.report.markdown import render_markdown
 from diffrl_bench.report.runs import AXES
-from diffrl_bench.report.verdicts import ClaimsResult, write_claims
+from diffrl_bench.report.claims_output import write_claims
+from diffrl_bench.report.verdicts import ClaimsResult
 
 
 def write_report(results_dir, out_dir=None, *, baseline: Optional[str] = None, threshold: Optional[float] = None,
