@@ -139,7 +139,7 @@ class EvalConfig:
     """images per held-out prompt (fixed noise, so curves are paired across steps and runs)"""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     """the solver used for evaluation"""
-    rewards: List[str] = field(default_factory=lambda: ["toy_geneval", "toy_naturalness"])
+    rewards: List[str] = field(default_factory=lambda: ["toy_geneval", "toy_naturalness", "toy_no_extra_objects"])
     """rewards scored at eval: the training reward and held-out ones (a gap exposes reward hacking)"""
     batch_size: int = 256
     """images per sampling call at eval"""

@@ -7,6 +7,10 @@ Sources (`data.train_prompts`, `data.eval_prompts`):
   (optionally `exclude`) clauses `{class, count, color?, position?}`; the metadata is the whole record.
 * `ocr:PATH`: one prompt a line, each quoting the text to render in straight double quotes (Flow-GRPO's OCR set);
   metadata `{"ocr_target": text}` (the first quoted span). A line without one is an error.
+* `SOURCE~fit:F:S` / `SOURCE~val:F:S`: the two sides of a deterministic split of SOURCE's prompts, a share F
+  for validation by a seeded hash S of each prompt (`validation_split`); the sweep's tuning stage trains on `fit`
+  and scores on `val` of the *training* prompts. A split of `toy:heldout` is refused: the held-out prompts judge
+  the final runs and must not choose their settings.
 * `lines:PATH` or any `PATH.txt`: one prompt a line (DrawBench, Pick-a-Pic, OCR files); metadata `{}`, plus
   `{"ocr_target": text}` when the line has a quoted span, so an OCR file loads either way.
 
@@ -22,8 +26,10 @@ need metadata the prompts lack), before any model is built. It reads files and t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -51,6 +57,17 @@ def load_prompts(source: str, key: str = "data.train_prompts") -> List[Prompt]:
     """Prompts with their metadata from a source string (see the module docstring for the forms)."""
     if not isinstance(source, str) or not source.strip():
         raise PromptFileError(f"{key}: empty prompt source; use toy:train, geneval:PATH, ocr:PATH or lines:PATH")
+    split = parse_split_source(source)
+    if split is not None:
+        base, part, fraction, seed = split
+        if base == "toy:heldout":
+            raise PromptFileError(f"{key}: {source!r} splits the held-out prompts; a validation split is taken "
+                                  "from the training prompts only")
+        if not 0 < fraction < 1:
+            raise PromptFileError(f"{key}: {source!r}: the validation fraction must be in (0, 1)")
+        prompts = load_prompts(base, key)
+        fit, val = validation_split([p.text for p in prompts], fraction, seed)
+        return [prompts[i] for i in (fit if part == "fit" else val)]
     if source.startswith("toy:"):
         return _toy(source, key)
     fmt, path = _split_source(source, key)
@@ -59,6 +76,46 @@ def load_prompts(source: str, key: str = "data.train_prompts") -> List[Prompt]:
     if not prompts:
         raise PromptFileError(f"{key}: {path} holds no prompts")
     return prompts
+
+
+_SPLIT = re.compile(r"^(?P<source>.+)~(?P<part>fit|val):(?P<fraction>[0-9.eE+-]+):(?P<seed>-?\d+)$")
+
+
+def validation_split(prompts: Sequence[str], fraction: float, seed: int = 0) -> Tuple[List[int], List[int]]:
+    """Indices (fit, val) of a deterministic split of the training prompts: round(fraction x n) of them (at least
+    one, and at least one left to fit) by a seeded hash of each prompt, so the split does not depend on the order
+    of the prompt file, only on its content. A prompt repeated in the file stays on one side."""
+    n = len(prompts)
+    if n < 2:
+        raise PromptFileError(f"a validation split needs at least 2 training prompts, got {n}")
+    n_val = min(max(1, int(round(fraction * n))), n - 1)
+
+    def rank(text: str) -> str:
+        return hashlib.sha256(f"{seed}\x00{text}".encode()).hexdigest()
+
+    order = sorted(range(n), key=lambda i: (rank(prompts[i]), i))
+    chosen = set(prompts[i] for i in order[:n_val])
+    val = [i for i in range(n) if prompts[i] in chosen]
+    fit = [i for i in range(n) if prompts[i] not in chosen]
+    if not fit:
+        raise PromptFileError("the validation split took every distinct training prompt; lower "
+                              "tune.validation.fraction")
+    return fit, val
+
+
+def split_source(source: str, part: str, fraction: float, seed: int) -> str:
+    """The prompt-source string for one side of the split (`toy:train~val:0.25:0`), for data.*_prompts."""
+    if part not in ("fit", "val"):
+        raise PromptFileError(f"split part must be fit or val, got {part!r}")
+    return f"{source}~{part}:{fraction:g}:{seed}"
+
+
+def parse_split_source(text: str) -> Optional[Tuple[str, str, float, int]]:
+    """(source, part, fraction, seed) of a split source, or None for a plain source."""
+    match = _SPLIT.match(text)
+    if not match:
+        return None
+    return match["source"], match["part"], float(match["fraction"]), int(match["seed"])
 
 
 def _toy(source: str, key: str) -> List[Prompt]:

@@ -1,8 +1,9 @@
 """Rewards of the built-in toy GenEval domain: the exact programmatic detector, and a held-out naturalness score.
 
 `toy_geneval` is the training reward (a blend of GenEval strict correctness and partial credit); `toy_naturalness`
-(palette fidelity) is meant for evaluation only, to expose generations that please the detector but do not look
-like the domain's renders.
+(palette fidelity) and `toy_no_extra_objects` (no object beyond what the prompt asks for) are meant for evaluation
+only, to expose generations that please the detector but do not look like the domain's renders or that add
+objects GenEval's checks do not penalise.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from diffrl_bench.registry import REWARDS
 from diffrl_bench.rewards._common import option
-from diffrl_bench.toy.detector import palette_fidelity, score_batch
+from diffrl_bench.toy.detector import extra_objects_batch, palette_fidelity, score_batch
 
 
 def _as_tensor(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -57,3 +58,23 @@ class ToyNaturalnessReward:
         self, images: torch.Tensor, prompts: Sequence[str], metadata: List[Dict[str, Any]]
     ) -> Dict[str, torch.Tensor]:
         return {self.name: _as_tensor(palette_fidelity(images), images)}
+
+
+@REWARDS.register("toy_no_extra_objects")
+class ToyNoExtraObjectsReward:
+    """1 when the image holds no object beyond what the prompt asks for (`detector.extra_objects`), else 0.
+
+    Its mean over held-out images is the share of clean scenes. RL'd toy policies learn to add objects, which the
+    GenEval-style reward does not penalise and palette fidelity does not see; this is the held-out metric of the
+    reward-hacking claim (sweeps/claims/crd_reward_hacking.yaml). The domain's own renders carry a distractor in
+    some scenes (`toy.domain._DISTRACTOR_PROBABILITY`), so the base model scores below 1: read it as a change.
+    """
+
+    name = "toy_no_extra_objects"
+    needs_metadata = ("include",)
+
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], metadata: List[Dict[str, Any]]
+    ) -> Dict[str, torch.Tensor]:
+        clean = (extra_objects_batch(images, metadata) == 0).astype(np.float32)
+        return {self.name: _as_tensor(clean, images)}

@@ -330,3 +330,36 @@ def test_toy_rewards_through_the_registry():
 def test_toy_geneval_rejects_an_invalid_strict_weight(bad):
     with pytest.raises(ValueError, match="strict_weight"):
         _reward("toy_geneval", strict_weight=bad)
+
+
+def test_extra_objects_counts_objects_beyond_the_prompt():
+    def extra(objects, text):
+        return detector.extra_objects(detector.detect(render(objects)), _prompt(text).metadata)
+
+    red_circle = SceneObject("circle", "red", 0, 0, 5)
+    blue_circle = SceneObject("circle", "blue", 9, 0, 5)
+    square = SceneObject("square", "green", 0, 9, 5)
+    assert extra([red_circle], "a photo of a red circle") == 0
+    assert extra([red_circle, square], "a photo of a red circle") == 1            # a shape not asked for
+    assert extra([red_circle, blue_circle], "a photo of a red circle") == 1       # one circle too many
+    assert extra([blue_circle], "a photo of a red circle") == 0                   # wrong colour, not extra
+    assert extra([red_circle, blue_circle, square], "a photo of a circle and a square") == 1
+    assert extra([], "a photo of two circles") == 0                               # missing is not extra
+
+
+def test_no_extra_objects_reward_known_answers_and_clean_renders(random_scenes):
+    reward = _reward("toy_no_extra_objects")
+    assert reward.name == "toy_no_extra_objects"
+    spec = _prompt("a photo of a circle left of a square")
+    asked = [SceneObject("circle", "green", 0, 0, 5), SceneObject("square", "yellow", 9, 0, 7)]
+    one_more = asked + [SceneObject("triangle", "red", 4, 9, 7)]
+    images = _to_torch(np.stack([render(asked), render(one_more)]))
+    out = reward(images, [spec.text] * 2, [spec.metadata] * 2)
+    assert set(out) == {"toy_no_extra_objects"} and out["toy_no_extra_objects"].dtype == torch.float32
+    assert out["toy_no_extra_objects"].tolist() == [1.0, 0.0]
+    # On the domain's own renders the only extra objects are its planned distractors.
+    specs, scenes, images = random_scenes
+    found = detector.extra_objects_batch(images, [s.metadata for s in specs])
+    planned = [sum(o.shape not in {i["class"] for i in s.metadata["include"]} for o in scene)
+               for s, scene in zip(specs, scenes)]
+    assert found.tolist() == planned

@@ -19,9 +19,13 @@ averaging the cost over the seeds that happened to get there would make an unrel
 
 Outputs (written atomically): `report.md`, `summary.csv` (one row per arm), `runs.csv` (one row per seed) and PNG
 
+With `--claims FILE...` it also judges published claims (`sweeps/claims/*.yaml`): claims.md, claims.csv, a
+speedup-vs-threshold figure and one sentence per claim in report.md (docs/reports.md, "Claims").
+
 Modules, in import order: `errors`, `stats` (pure statistics), `runs` (loading run folders), `wording` (numbers and
-sentences), `analysis` (the tables and sentences of one report), `figures`, `markdown` (report.md), `output`
-(writing all files), `cli` (`diffrl-bench report`; `__main__` for `python -m diffrl_bench.report`).
+sentences), `analysis` (the tables and sentences of one report), `figures`, `claims` (claim files), `verdicts`
+(censoring-aware verdicts on claims), `claims_output` (their files), `markdown` (report.md), `output` (writing all
+files), `cli` (`diffrl-bench report`; `__main__` for `python -m diffrl_bench.report`).
 """
 from diffrl_bench.report.analysis import Analysis, ablation_tables, analyse, default_baseline, sweep_ablate_keys
 from diffrl_bench.report.cli import add_arguments, main, run

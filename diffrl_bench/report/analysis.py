@@ -62,6 +62,8 @@ class Analysis:
     ablate: List[str] = field(default_factory=list)
     ablation: Optional[pd.DataFrame] = None
     ablation_effects: Optional[pd.DataFrame] = None
+    tuning: List[str] = field(default_factory=list)
+    """report.md lines on the sweep's tuning stage (`tuning_lines`)"""
 
 
 def sweep_ablate_keys(results_dir) -> List[str]:
@@ -79,6 +81,43 @@ def sweep_ablate_keys(results_dir) -> List[str]:
             if key not in keys:
                 keys.append(key)
     return keys
+
+
+def tuning_lines(results_dir) -> List[str]:
+    """report.md lines on the sweep's tuning stage (`tune:` in sweep.json, the choice in tune/chosen.json): the
+    search budget, the space and the chosen values per arm; none without a tuning stage."""
+    from diffrl_bench.sweep.tune import TuneError, Trial, expand_trials, parse_tune, report_lines
+
+    path = Path(results_dir) / "sweep.json"
+    if not path.exists():
+        return []
+    try:
+        sweeps = json.loads(path.read_text()).get("sweeps", {})
+    except (ValueError, AttributeError) as error:
+        raise ReportError(f"cannot read {path}: {error}") from error
+    lines: List[str] = []
+    for name, entry in sweeps.items():
+        spec = entry.get("spec") or {}
+        if not spec.get("tune"):
+            continue
+        arms = list(spec.get("arms") or {})
+        try:
+            tune = parse_tune(spec["tune"], arms)
+        except TuneError as error:
+            raise ReportError(f"{path}: sweep {name}: {error}") from error
+        trials = expand_trials(tune, arms)
+        chosen_file = Path(results_dir) / "tune" / "chosen.json"
+        if not chosen_file.exists():
+            lines += ["## Tuning", "", f"Sweep {name} declares a tuning stage ({tune.trials} trials per arm) but "
+                      f"{chosen_file} does not exist yet: the stage has not finished.", ""]
+            continue
+        chosen = json.loads(chosen_file.read_text())
+        scores = {k: float("nan") if v is None else float(v) for k, v in chosen.get("scores", {}).items()}
+        by_name = {t.name: t for t in trials}
+        best: Dict[str, Trial] = {arm: by_name[f"{arm}/trial{int(e['trial']):02d}"]
+                                  for arm, e in chosen.get("arms", {}).items()}
+        lines += report_lines(tune, spec.get("budget") or {}, [t for t in trials if t.arm in best], best, scores)
+    return lines
 
 
 def ablation_tables(runs: Sequence[RunResult], per_run: pd.DataFrame,
@@ -232,4 +271,5 @@ def analyse(results_dir, *, baseline: Optional[str] = None, threshold: Optional[
         if by_arm.empty:
             raise ReportError(f"no run under {results_dir} sets every ablated key {keys} in its config.yaml")
     return Analysis(Path(results_dir), runs, arms, headline, heldout, notes, baseline, baseline_reason, threshold,
-                    threshold_reason, level, int(n_boot), summary, per_run, sentences, keys, by_arm, by_value)
+                    threshold_reason, level, int(n_boot), summary, per_run, sentences, keys, by_arm, by_value,
+                    tuning_lines(results_dir))

@@ -6,8 +6,10 @@ import sys
 from typing import List, Optional
 
 from diffrl_bench.report.analysis import analyse
+from diffrl_bench.report.claims import COSTS, load_claims
 from diffrl_bench.report.errors import ReportError
 from diffrl_bench.report.output import write_analysis
+from diffrl_bench.report.verdicts import evaluate_claims
 from diffrl_bench.report.wording import format_threshold
 
 DESCRIPTION = "Head-to-head report over a results directory: `diffrl-bench report RESULTS_DIR`."
@@ -35,19 +37,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--by", nargs="*", default=None, metavar="KEY",
                         help="ablation: tabulate the final score by these config keys (default: the sweep spec's "
                              "`ablate` keys from RESULTS_DIR/sweep.json; --by with no key: no ablation table)")
+    parser.add_argument("--claims", nargs="+", default=None, metavar="FILE_OR_DIR",
+                        help="published-claim files (sweeps/claims/*.yaml, or a folder of them) to give a verdict "
+                             "on: writes claims.md, claims.csv and claims_threshold_curves.png")
+    parser.add_argument("--claims-cost", default=None, choices=sorted(COSTS),
+                        help="judge every claim in this cost unit (default: each claim's own `cost`)")
+    parser.add_argument("--claims-min-seeds", type=int, default=3,
+                        help="fewest seeds per arm for a claim verdict; fewer gives 'inconclusive' (3)")
+    parser.add_argument("--claims-power", type=float, default=0.8,
+                        help="power of the per-pair resolution (smallest speedup told apart from 1) (0.8)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    """RunResult the report for parsed arguments; prints where it went and the head-to-head sentences.
+    """Run the report for parsed arguments; prints where it went and the head-to-head sentences.
 
     Returns 0, or 2 after printing the error when the results cannot be reported on.
     """
     try:
+        # Claims first: a bad claim file fails in a second, not after the bootstrap.
+        claims = load_claims(args.claims) if args.claims else None
         analysis = analyse(args.results_dir, baseline=args.baseline, threshold=args.threshold,
                            threshold_fraction=args.threshold_fraction, metric=args.metric, n_boot=args.n_boot,
                            seed=args.seed, level=args.level, ablate=args.by)
-        report = write_analysis(analysis, args.out)
+        verdicts = None
+        if claims:
+            verdicts = evaluate_claims(analysis.runs, analysis.headline, claims, n_boot=args.n_boot,
+                                       level=args.level, seed=args.seed, min_seeds=args.claims_min_seeds,
+                                       power=args.claims_power, cost=args.claims_cost)
+        report = write_analysis(analysis, args.out, claims=verdicts)
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -59,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
         print("ablation (mean final score over the arms with each value):")
         for _, r in analysis.ablation_effects.iterrows():
             print(f"  {r['key']} = {r['value']}: {r['mean_final_reward']:.3f} over {r['arms']} arms")
+    if verdicts is not None:
+        print(f"claims: {report.parent / 'claims.md'}")
+        for sentence in verdicts.sentences:
+            print(f"- {sentence}")
     return 0
 
 

@@ -64,8 +64,24 @@ def evaluated_weights(runs: List[RunResult]) -> str:
     return f"**Evaluated weights differ between arms**, so their scores are not like for like: {parts}."
 
 
-def render_markdown(analysis: Analysis, figures: Dict[str, str]) -> str:
-    """The text of report.md: sentences, summary table, figures (relative links) and method notes."""
+def _claims_markdown(claims, figures: Dict[str, str]) -> List[str]:
+    out = ["## Published claims", ""] + [f"- {s}" for s in claims.sentences] + [""]
+    out.append("Table, estimator and how each paper ran its baseline: [claims.md](claims.md); all columns: "
+               "[claims.csv](claims.csv).")
+    name = figures.get("claims_threshold_curves")
+    if name:
+        out += ["", f"![speedup vs threshold]({name})", "",
+                "*Each pair's speedup as a function of the threshold, from the base model's score up to the best "
+                "arm's final: band where every seed of both arms reached, triangles for one-sided bounds where some "
+                "seeds did not (censored), dashed line the claim.*"]
+    return out + [""]
+
+
+def render_markdown(analysis: Analysis, figures: Dict[str, str], claims=None) -> str:
+    """The text of report.md: sentences, summary table, figures (relative links) and method notes.
+
+    `claims` (a `verdicts.ClaimsResult`) adds a "Published claims" section after the head-to-head sentences.
+    """
     a = analysis
     pct = f"{a.level * 100:g}%"
     thr = format_threshold(a.threshold)
@@ -76,6 +92,8 @@ def render_markdown(analysis: Analysis, figures: Dict[str, str]) -> str:
     out.append(evaluated_weights(a.runs))
     out.append("")
     out += ["## Head to head", ""] + [f"- {s}" for s in a.sentences] + [""]
+    if claims is not None:
+        out += _claims_markdown(claims, figures)
 
     header = ["arm", "seeds", f"final {short_name(a.headline)} ({pct} CI)", f"reached {thr}",
               f"GPU-hours to {thr} ({pct} CI)", f"NFEs to {thr} ({pct} CI)",
@@ -143,6 +161,7 @@ def render_markdown(analysis: Analysis, figures: Dict[str, str]) -> str:
     out += ["## Runs", "", _markdown_table(["arm", "seed", "directory", "last eval step", "final score",
                                              f"GPU-hours to {thr}", f"NFEs to {thr}", "budget GPU-hours"], rows), ""]
 
+    out += a.tuning
     out += ["## Method", "",
             f"- Final score: the headline at each seed's last eval; mean and {pct} Student-t interval over seeds "
             "(n - 1 degrees of freedom; none for a single seed).",

@@ -72,6 +72,15 @@ def _run_identity(directory: Path, config: dict) -> Tuple[str, int]:
     return arm, int(seed)
 
 
+def _is_tuning_trial(directory: Path) -> bool:
+    # A sweep's tuning trials (arm.json `"stage": "tune"`) ran on a validation split at a fraction of the budget:
+    # counted as seeds they would mix two experiments into one arm.
+    try:
+        return json.loads((directory / "arm.json").read_text()).get("stage") == "tune"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _prepare_frame(frame: pd.DataFrame, directory: Path) -> pd.DataFrame:
     if "step" not in frame:
         raise MissingColumnError(f"{directory / 'metrics.csv'} has no 'step' column")
@@ -89,7 +98,8 @@ def _prepare_frame(frame: pd.DataFrame, directory: Path) -> pd.DataFrame:
 def load_runs(results_dir) -> List[RunResult]:
     """Every run under `results_dir` (recursively: each folder with a `metrics.csv`), sorted by arm and seed.
 
-    The arm and seed come from `arm.json` when present, else from config.yaml: `name` without a trailing
+    A sweep's tuning trials (`"stage": "tune"` in arm.json) are skipped. The arm and seed come from `arm.json` when
+    present, else from config.yaml: `name` without a trailing
     `_seed<N>`, and `train.seed`. Raises `NoRunsError` if there is none and `ReportError` if two runs claim the
     same arm and seed.
     """
@@ -102,6 +112,8 @@ def load_runs(results_dir) -> List[RunResult]:
         directory = metrics.parent
         config_path = directory / "config.yaml"
         config = _read_config(config_path) if config_path.exists() else {}
+        if _is_tuning_trial(directory):
+            continue
         arm, seed = _run_identity(directory, config)
         if (arm, seed) in seen:
             raise ReportError(f"runs {seen[(arm, seed)]} and {directory} are both arm {arm!r} seed {seed}; "

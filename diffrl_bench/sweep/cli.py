@@ -14,6 +14,8 @@ from diffrl_bench.sweep.executors import execute
 from diffrl_bench.sweep.expansion import dotlist, expand, validate_runs
 from diffrl_bench.sweep.spec import EXECUTOR_KINDS, Spec, SweepError, SweepRun, load_spec
 from diffrl_bench.sweep.state import DONE, FAILED, FAILED_FILE, RUNNING, STATUSES, status_of, write_sweep_record
+from diffrl_bench.sweep.tune import TuneError
+from diffrl_bench.sweep.tuning import chosen_overrides, chosen_path, choose, expand_tuning, load_chosen, stage_progress
 
 log = logging.getLogger("diffrl_bench.sweep")
 
@@ -57,6 +59,15 @@ def _print_header(spec: Spec) -> None:
     print(f"  executor: {e.kind} ({', '.join(details)})")
 
 
+def _tune_header(spec: Spec) -> str:
+    t = spec.tune
+    lines = [f"tuning stage: {t.trials} trials per arm ({t.sampler}, seed {t.seed}), {t.budget_fraction:g} of the "
+             f"budget each, scored on {t.validation_fraction:.0%} of the training prompts (split seed "
+             f"{t.validation_seed})" + (f" on {t.metric}" if t.metric else "")]
+    lines += [f"  space: {d.describe()}" for d in t.space]
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="sweep spec (YAML); see docs/sweeps.md")
     parser.add_argument("--dry-run", action="store_true",
@@ -80,33 +91,74 @@ def run(args: argparse.Namespace) -> int:
             if args.parallel < 1:
                 raise SweepError("--parallel must be at least 1")
             spec.executor.parallel = args.parallel
-        runs = expand(spec)
+        trials_all = expand_tuning(spec)
+        chosen = load_chosen(spec)
+        if spec.tune is not None and chosen is None and not (args.dry_run or args.status):
+            chosen = choose(spec, trials_all)
+        runs = expand(spec, chosen_overrides(chosen))
+        trials = trials_all
         if args.only:
             known = {r.arm for r in runs} | {r.name for r in runs}
             unknown = [a for a in args.only if a not in known]
             if unknown:
                 raise SweepError(f"--only {unknown}: not an arm of {spec.path} ({sorted(known)})")
             runs = [r for r in runs if r.arm in args.only or r.name in args.only]
+            trials = [r for r in trials if r.arm in args.only]
+        # Fairness is checked within each stage: the trials' prompt split differs from the seeded runs' on purpose.
+        if trials:
+            validate_runs(spec, trials)
         validate_runs(spec, runs)
+        waiting = spec.tune is not None and chosen is None
         if args.dry_run or args.status:
-            statuses = {run.id: status_of(run) for run in runs}
+            statuses = {run.id: status_of(run) for run in trials + runs}
             if args.dry_run:
                 _print_header(spec)
+                if trials:
+                    print(_tune_header(spec))
+                    print(format_table(trials, statuses))
+                    print(format_counts({r.id: statuses[r.id] for r in trials}))
+                    print("seeded runs:")
+                if waiting:
+                    ended, total = stage_progress(trials_all)
+                    print(f"  waiting for tuning ({ended}/{total} trials ended): the table shows each arm's own "
+                          "settings; the chosen values are added once every trial has ended")
                 print(format_table(runs, statuses))
-            print(format_counts(statuses))
-            for run in runs:
+            if args.status and trials:
+                print(f"tuning: {format_counts({r.id: statuses[r.id] for r in trials})}"
+                      + ("; waiting for the choice" if waiting else f"; chosen ({chosen_path(spec)})"))
+            print(format_counts({r.id: statuses[r.id] for r in runs}))
+            for run in trials + runs:
                 if args.status and statuses[run.id] == FAILED:
                     last = (run.out / FAILED_FILE).read_text().strip().splitlines()[-1:]
                     print(f"  failed {run.id}: {last[0] if last else '?'}")
             return 0
-        write_sweep_record(spec, runs)
-        counts = execute(spec, runs, progress=not args.no_progress)
-    except (SweepError, ConfigError) as error:
+        write_sweep_record(spec, trials_all + runs)
+        counts = Counter()
+        if trials:
+            counts.update(execute(spec, trials, progress=not args.no_progress))
+            if waiting:
+                chosen = choose(spec, trials_all)
+                if chosen is None:
+                    ended, total = stage_progress(trials_all)
+                    log.warning("tuning: %d/%d trials ended; the seeded runs wait for the rest (run the other "
+                                "arms' trials, then this command again)", ended, total)
+                    runs = []
+                else:
+                    log.info("tuning: chosen %s -> %s", {a: e["trial"] for a, e in chosen["arms"].items()},
+                             chosen_path(spec))
+                    names = {r.name for r in runs}
+                    runs = [r for r in expand(spec, chosen_overrides(chosen)) if r.name in names]
+                    validate_runs(spec, runs)
+                    write_sweep_record(spec, trials_all + runs)
+        if runs:
+            counts.update(execute(spec, runs, progress=not args.no_progress))
+    except (SweepError, ConfigError, TuneError) as error:
         log.error("%s", error)
         return 2
     except KeyboardInterrupt:
         log.warning("interrupted; run the same command again to resume (finished runs are kept)")
         return 130
+    runs = trials + runs
     summary = ", ".join(f"{s} {counts[s]}" for s in (DONE, FAILED, RUNNING) if counts[s])
     print(f"sweep {spec.name}: {summary} ({len(runs)} runs) -> {_shorten(str(spec.results_dir))}")
     if counts[RUNNING]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -46,9 +46,11 @@ def _suffix(keys: Sequence[str], key: str, value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._+=-]", "_", f"{label}{text}")
 
 
-def expand(spec: Spec) -> List[SweepRun]:
+def expand(spec: Spec, tuned: Optional[Dict[str, Dict[str, Any]]] = None) -> List[SweepRun]:
     """One run per (seed, arm, grid point). Seed-major, so that a sequential sweep compares every arm on seed 0
-    before it spends time on seed 1."""
+    before it spends time on seed 1. `tuned`: per arm, the tuning stage's chosen values (`tuning.chosen_overrides`),
+    applied after the arm's overrides; they enter each run's recorded overrides, so a folder trained with another
+    choice is refused rather than resumed."""
     grid_keys = list(spec.grid)
     points = [dict(zip(grid_keys, combo)) for combo in itertools.product(*spec.grid.values())]
     runs: List[SweepRun] = []
@@ -67,8 +69,9 @@ def expand(spec: Spec) -> List[SweepRun]:
                 values.update(spec.budget_overrides())
                 values.update(spec.fairness)
                 values.update(arm.overrides)
+                values.update((tuned or {}).get(arm.name, {}))
                 values.update(point)
-                shown = dotlist({**arm.overrides, **point})
+                shown = dotlist({**arm.overrides, **(tuned or {}).get(arm.name, {}), **point})
                 values.update({"name": f"{name}_seed{seed}", "output_dir": str(out), "train.seed": seed,
                                "checkpoint.resume": True})
                 runs.append(SweepRun(name=name, arm=arm.name, seed=seed, grid=point, config=arm.config,

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffrl_bench.config import CONFIG_DIR
+from diffrl_bench.sweep.tune import TuneError, TuneSpec, parse_tune
 
 # Every arm must see the same value of these (the comparison's fixed conditions); an arm or the grid may set one
 # only when it is listed under `ablate`. Whole sections are prefixes; the rest are exact keys.
@@ -24,7 +25,7 @@ RUN_KEYS = ("name", "output_dir", "train.seed", "checkpoint.resume")
 DEFAULT_MAX_STEPS = 1_000_000
 
 SPEC_KEYS = ("name", "results_dir", "seeds", "budget", "fairness", "common", "arms", "grid", "ablate", "baseline",
-             "executor")
+             "executor", "tune")
 ARM_KEYS = ("config", "overrides")
 BUDGET_KEYS = ("steps", "gpu_hours", "nfe", "max_steps")
 EXECUTOR_KEYS = ("kind", "parallel", "launcher", "num_processes", "launcher_args", "parameters", "cluster")
@@ -76,24 +77,34 @@ class Spec:
     ablate: List[str]
     baseline: Optional[str]
     executor: ExecutorSpec
+    tune: Optional[TuneSpec] = None
+    """the equal-tuning-budget stage (`tune:`), or None"""
+    tune_raw: Optional[Dict[str, Any]] = None
+    """the `tune:` mapping as written, for sweep.json (the report rebuilds the stage from it)"""
 
     def fairness_keys(self) -> List[str]:
         return list(FAIRNESS_SECTIONS) + list(FAIRNESS_KEYS) + [k for k in self.fairness if k not in FAIRNESS_KEYS]
 
     def budget_overrides(self) -> Dict[str, Any]:
         """The budget as config keys; the unused budget kinds are zeroed so a preset's own budget cannot leak in."""
-        values: Dict[str, Any] = {"train.budget_gpu_hours": 0.0, "train.budget_nfe": 0}
-        kind = next(k for k in BUDGET_TARGETS if k in self.budget)
-        values[BUDGET_TARGETS[kind]] = self.budget[kind]
-        if kind != "steps":
-            values["train.steps"] = self.budget.get("max_steps", DEFAULT_MAX_STEPS)
-        return values
+        return budget_overrides(self.budget)
 
     def describe(self) -> Dict[str, Any]:
         return {"name": self.name, "spec_file": str(self.path.resolve()), "results_dir": str(self.results_dir),
                 "seeds": self.seeds, "budget": self.budget, "fairness": self.fairness, "common": self.common,
                 "arms": {a.name: {"config": a.config, "overrides": a.overrides} for a in self.arms},
-                "grid": self.grid, "ablate": self.ablate, "baseline": self.baseline, "executor": asdict(self.executor)}
+                "grid": self.grid, "ablate": self.ablate, "baseline": self.baseline, "executor": asdict(self.executor),
+                "tune": self.tune_raw}
+
+
+def budget_overrides(budget: Dict[str, Any]) -> Dict[str, Any]:
+    """A `budget:` mapping as config keys (the sweep's, or a tuning trial's share of it)."""
+    values: Dict[str, Any] = {"train.budget_gpu_hours": 0.0, "train.budget_nfe": 0}
+    kind = next(k for k in BUDGET_TARGETS if k in budget)
+    values[BUDGET_TARGETS[kind]] = budget[kind]
+    if kind != "steps":
+        values["train.steps"] = budget.get("max_steps", DEFAULT_MAX_STEPS)
+    return values
 
 
 @dataclass
@@ -113,18 +124,24 @@ class SweepRun:
     """the overrides that set this run apart (arm and grid), for tables"""
     output_dir: str
     sweep: str
+    trial: Optional[int] = None
+    """the tuning stage's trial index (a trial run, under results_dir/tune), or None for a seeded run"""
 
     @property
     def id(self) -> str:
-        return f"{self.name}/seed{self.seed}"
+        return f"{self.name}/seed{self.seed}" if self.trial is None else f"{self.arm}/trial{self.trial:02d}"
 
     @property
     def out(self) -> Path:
         return Path(self.output_dir)
 
     def record(self) -> Dict[str, Any]:
-        return {"arm": self.name, "seed": self.seed, "sweep": self.sweep, "config": self.config,
-                "overrides": self.overrides, "base_arm": self.arm, "grid": self.grid}
+        record = {"arm": self.name, "seed": self.seed, "sweep": self.sweep, "config": self.config,
+                  "overrides": self.overrides, "base_arm": self.arm, "grid": self.grid}
+        if self.trial is not None:
+            # `stage` keeps the report from reading a trial as a seed of its arm.
+            record.update(stage="tune", trial=self.trial)
+        return record
 
 
 def spec_error(spec_path: Path, key: str, message: str) -> SweepError:
@@ -255,7 +272,19 @@ def load_spec(path: str | Path) -> Spec:
     if baseline is not None and baseline not in arms_raw:
         raise spec_error(spec_path, "baseline", f"{baseline!r} is not an arm ({list(arms_raw)})")
 
-    spec = Spec(spec_path, name, results_dir, seeds, budget, fairness, common, arms, grid, ablate, baseline, executor)
+    tune, tune_raw = None, None
+    if raw.get("tune") is not None:
+        tune_raw = raw["tune"]
+        if grid:
+            raise spec_error(spec_path, "tune", "a tuning stage with a `grid:` is not supported: tune one setting "
+                                                "per arm, or run the grid without `tune:`")
+        try:
+            tune = parse_tune(tune_raw, list(arms_raw))
+        except TuneError as error:
+            raise SweepError(f"sweep spec {spec_path}: {error}") from None
+
+    spec = Spec(spec_path, name, results_dir, seeds, budget, fairness, common, arms, grid, ablate, baseline, executor,
+                tune, tune_raw)
     _check_fairness_rules(spec)
     return spec
 
@@ -298,3 +327,14 @@ def _check_fairness_rules(spec: Spec) -> None:
     for key in spec.common:
         if key in spec.fairness:
             raise spec_error(spec.path, f"common.{key}", "also stated under `fairness:`; state it once")
+    # Tuning may not move what every arm shares, nor what the sweep sets per run.
+    for dim in (spec.tune.space if spec.tune else []):
+        for arm, leaf in dim.keys.items():
+            if not leaf:
+                continue
+            where = f"tune.space.{dim.name}" + (f".key.{arm}" if len(set(dim.keys.values())) > 1 else "")
+            if any(key_under(leaf, k) or key_under(k, leaf) for k in RUN_KEYS):
+                raise spec_error(spec.path, where, f"'{leaf}' is set by the sweep for each run; it cannot be tuned")
+            if touches_fairness(leaf):
+                raise spec_error(spec.path, where, f"'{leaf}' is a fairness key (the same for every arm); tuning "
+                                                   "must not change it")

@@ -11,7 +11,8 @@ without it, RL learned to fill the canvas with colour noise in which a permissiv
 asked for. The shape comes from the bounding-box fill ratio (square > 0.92, circle 0.65-0.92, triangle < 0.65).
 
 Scoring follows GenEval's metadata semantics (see `score`). `palette_fidelity` is a separate naturalness statistic
-that is deliberately not part of the reward, so that reward hacking (noise, blur, clutter) shows up in evaluation.
+that is deliberately not part of the reward, so that reward hacking (noise, blur, clutter) shows up in evaluation;
+`extra_objects` counts objects beyond what the prompt asks for, the hacking GenEval's checks do not penalise.
 """
 from __future__ import annotations
 
@@ -247,3 +248,27 @@ def palette_fidelity(images: ImageBatch) -> np.ndarray:
     distances = np.sqrt(((array[..., None, :] - palette) ** 2).sum(axis=-1))  # (B, H, W, K+1)
     on_palette = distances.min(axis=-1) <= PALETTE_TOLERANCE
     return on_palette.reshape(array.shape[0], -1).mean(axis=1).astype(np.float32)
+
+
+def extra_objects(detections: Sequence[Detection], metadata: Dict[str, Any]) -> int:
+    """How many detected objects go beyond what the prompt asks for: per shape, detections past the include items'
+    total count of that shape (any colour), plus every detection of a shape no include item names.
+
+    GenEval's strict check only forbids what an exclude item names, so an extra object elsewhere on the canvas
+    costs a policy nothing; counting them per shape (not per colour) charges an extra object, not a wrong colour.
+    """
+    asked: Dict[str, int] = {}
+    for item in metadata.get("include", []):
+        asked[item["class"]] = asked.get(item["class"], 0) + int(item.get("count", 1))
+    found: Dict[str, int] = {}
+    for detection in detections:
+        found[detection.shape] = found.get(detection.shape, 0) + 1
+    return sum(max(0, n - asked.get(shape, 0)) for shape, n in found.items())
+
+
+def extra_objects_batch(images: ImageBatch, metadata_list: Sequence[Dict[str, Any]]) -> np.ndarray:
+    """`extra_objects` of each image of a batch (int64 (B,)) against one metadata dict per image."""
+    all_detections = detect_batch(images)
+    if len(all_detections) != len(metadata_list):
+        raise ValueError(f"got {len(all_detections)} images but {len(metadata_list)} metadata dicts")
+    return np.array([extra_objects(d, m) for d, m in zip(all_detections, metadata_list)], dtype=np.int64)
