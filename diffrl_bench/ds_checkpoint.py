@@ -37,13 +37,14 @@ def trains_part_only(module: torch.nn.Module) -> bool:
     return any(not p.requires_grad for p in module.parameters())
 
 
-def whole_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+def whole_state_dict(module: torch.nn.Module, keep: bool = True) -> Dict[str, torch.Tensor]:
     """`module.state_dict()` with ZeRO-3 partitions gathered, one tensor at a time. A collective: every process
-    calls it; the copies are whole on each."""
+    calls it; only those with `keep` (the one that writes) hold a copy, so a large model is not copied per process."""
     state = {}
     for key, value in module.state_dict(keep_vars=True).items():
         with full_parameters([value]):
-            state[key] = value.detach().cpu().clone().contiguous()
+            if keep:
+                state[key] = value.detach().cpu().clone().contiguous()
     return state
 
 

@@ -363,7 +363,7 @@ class Trainer:
         engine_state = model = None
         if self.deepspeed:
             engine_state = save_engine_state(self.policy.module, self.checkpoints, self.step, self.accelerator)
-            model = whole_state_dict(self.policy.core)
+            model = whole_state_dict(self.policy.core, keep=self.accelerator.is_main_process)
         snapshots = self.policy.snapshot_state_dict()  # gathers LoRA snapshot adapters under ZeRO-3: all processes
         if self.accelerator.is_main_process:
             trainer_state = {"step": self.step, "optimizer_steps": self.optimizer_steps,
