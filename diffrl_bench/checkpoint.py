@@ -10,6 +10,11 @@ Loading verifies the files it reads against it and raises `CheckpointError` nami
 `newest_intact_checkpoint` skips damaged checkpoints (logging which and why) and returns the newest intact one.
 Checkpoints written before manifests existed still load: they are checked structurally instead (every required
 file present, state.json parses, each safetensors file as long as its header says).
+
+Under DeepSpeed the engine's own files (model and optimizer shards, torch pickles) sit in the `deepspeed/` folder
+(diffrl_bench/ds_checkpoint.py) and are listed in the manifest like the rest, by relative path. Unpickling runs
+code, so those are held to more than damage checks: a checkpoint with a `deepspeed/` folder but no manifest, a
+file there that the manifest does not list, or a link, is refused as well, with the file named.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ log = logging.getLogger("diffrl_bench")
 PREFIX = "step_"
 MANIFEST = "manifest.json"
 STALE_PREFIX = "stale_"
+ENGINE_DIR = "deepspeed"
+"""the folder of a checkpoint that holds DeepSpeed's own (pickled) files"""
 REQUIRED = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 """the files every checkpoint has (snapshots.safetensors only when the run keeps snapshots)"""
 
@@ -49,8 +56,8 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(path: Path) -> None:
     """Record every file of the checkpoint directory `path` (name, size, SHA-256); called after all are written."""
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-             for f in sorted(path.iterdir()) if f.is_file() and f.name != MANIFEST}
+    files = {f.relative_to(path).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(path.rglob("*")) if f.is_file() and f.relative_to(path).as_posix() != MANIFEST}
     (path / MANIFEST).write_text(json.dumps({"version": 1, "files": files}, indent=1))
 
 
@@ -98,15 +105,35 @@ def _check_state_json(file: Path) -> Optional[str]:
     return f"lacks {missing}" if missing else None
 
 
+def _check_engine_files(path: Path, listed: Optional[dict]) -> None:
+    """Every file under `deepspeed/` is a plain file (no link) that the manifest lists: nothing else is unpickled."""
+    folder = path / ENGINE_DIR
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if listed is None:
+        raise CheckpointError(f"checkpoint {path} has DeepSpeed files ({ENGINE_DIR}/) but no {MANIFEST}: refusing "
+                              f"to unpickle files whose SHA-256 the run did not record")
+    for file in [folder, *sorted(folder.rglob("*"))]:
+        name = file.relative_to(path).as_posix()
+        if file.is_symlink() or not (file.is_file() or file.is_dir()):
+            raise CheckpointError(f"checkpoint {path}: {name} is a link or a special file; only files the run "
+                                  f"wrote itself are loaded")
+        if file.is_file() and name not in listed:
+            raise CheckpointError(f"checkpoint {path}: {name} is not in its {MANIFEST}; refusing to load a file "
+                                  f"the run did not write (remove it to resume)")
+
+
 def verify_checkpoint(path: Path, files: Optional[Iterable[str]] = None) -> None:
     """Raise `CheckpointError` naming the first damaged file among `files` (default: the whole checkpoint).
 
     With a manifest: each file must exist with its recorded size and SHA-256, and the required files must be
-    listed. Without one (checkpoints written before manifests): the structural checks of the module docstring."""
+    listed. Without one (checkpoints written before manifests): the structural checks of the module docstring.
+    DeepSpeed files are checked whenever there are any (`_check_engine_files`), whatever `files` says."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
     listed = _read_manifest(path)
+    _check_engine_files(path, listed)
     if listed is None:
         names = list(files) if files is not None else [*REQUIRED, *(["snapshots.safetensors"]
                                                                     if (path / "snapshots.safetensors").exists() else [])]
@@ -121,6 +148,8 @@ def verify_checkpoint(path: Path, files: Optional[Iterable[str]] = None) -> None
                     continue
                 raise CheckpointError(f"checkpoint {path} is damaged: {name} is not in its {MANIFEST}")
             entry = listed[name]
+            if file.is_symlink():
+                raise CheckpointError(f"checkpoint {path}: {name} is a link; only files the run wrote are loaded")
             if not file.is_file():
                 raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
             size = file.stat().st_size
@@ -184,19 +213,26 @@ def checkpoint_dir(directory: Path, step: int) -> Path:
     return Path(directory) / f"{PREFIX}{step:07d}"
 
 
-def save_checkpoint(directory: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(directory: Path, step: int, *, model, optimizer: Optional[torch.optim.Optimizer],
                     snapshots: Dict[str, torch.Tensor], generators: Dict[str, torch.Generator],
-                    trainer_state: dict, keep_last: int = 2) -> Path:
+                    trainer_state: dict, keep_last: int = 2, engine_state: Optional[Path] = None) -> Path:
+    """`model`: the module or its (whole) state dict. Under DeepSpeed, `optimizer` is None and `engine_state` the
+    folder the engine wrote (model and optimizer shards, ds_checkpoint.py), moved in as `deepspeed/`; the optimizer
+    file is then empty."""
     directory.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(directory, step)
     tmp = directory / f".tmp_{PREFIX}{step:07d}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    weights = model if isinstance(model, dict) else model.state_dict()
+    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
     if snapshots:
         save_file(snapshots, str(tmp / "snapshots.safetensors"))
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    if engine_state is not None:
+        shutil.move(str(engine_state), str(tmp / ENGINE_DIR))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict() if optimizer is not None
+                                               else {"param_groups": [], "state": {}})
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng = {f"generator.{name}": g.get_state() for name, g in generators.items()}
     rng["torch_cpu"] = torch.get_rng_state()
@@ -258,8 +294,11 @@ def latest_checkpoint(directory: Path) -> Optional[Path]:
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    generators: Dict[str, torch.Generator]) -> Tuple[dict, Dict[str, torch.Tensor]]:
+                    generators: Dict[str, torch.Generator], engine: bool = False) -> Tuple[dict, Dict[str, torch.Tensor]]:
     """Restore model, optimizer and RNG states in place; return (trainer state, snapshot tensors).
+
+    `engine=True` (a DeepSpeed run): model and optimizer are left to `ds_checkpoint.load_engine_state`, and the
+    checkpoint must have been written by a DeepSpeed run (and the other way round), or `ValueError` names it.
 
     Raises `CheckpointError` naming the file, before anything is restored, when a file is damaged
     (`verify_checkpoint`), and `ValueError` naming the checkpoint when it lacks the state of one of the run's
@@ -275,8 +314,15 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.opti
                          f"(it has {sorted(k.removeprefix('generator.') for k in rng if k.startswith('generator.'))});"
                          f" it was written by an older diffrl-bench or a differently launched run. Resume it with "
                          f"that setup, or start afresh in another output_dir")
-    load_model_weights(path, model, verify=False)
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"]))
+    if (path / ENGINE_DIR).is_dir() != engine:
+        written, now = ("under", "without") if not engine else ("without", "under")
+        raise ValueError(f"checkpoint {path} was written {written} DeepSpeed and this run is launched {now} it: its "
+                         f"optimizer state cannot carry over. Resume it launched as it was, or start afresh in "
+                         f"another output_dir")
+    if not engine:
+        load_model_weights(path, model, verify=False)
+        optimizer.load_state_dict(_unflatten_optimizer(load_file(str(path / "optimizer.safetensors")),
+                                                       state["optimizer"]))
     for name, g in generators.items():
         g.set_state(rng[f"generator.{name}"])
     torch.set_rng_state(rng["torch_cpu"])

@@ -90,10 +90,11 @@ class Processes:
         A collective: every process takes part."""
         saved = {name: g for name, g in generators.items() if name not in PER_RANK_GENERATORS}
         for name in PER_RANK_GENERATORS:
-            states = self.gather(generators[name].get_state()[None])
+            # Gathered as int64: DeepSpeed's CPU all-gather crashes (SIGSEGV) on the uint8 state tensor.
+            states = self.gather(generators[name].get_state()[None].long())
             for rank in range(self.world):
                 g = torch.Generator()
-                g.set_state(states[rank].contiguous())
+                g.set_state(states[rank].to(torch.uint8).contiguous())
                 saved[name if rank == 0 else f"{name}@rank{rank}"] = g
         return saved
 

@@ -22,6 +22,7 @@ from diffrl_bench.algorithm import RolloutBatch
 from diffrl_bench.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from diffrl_bench.config import accepts_argument, algo_config, resolve_sampler_options, save_config
 from diffrl_bench.distributed import Processes, make_accelerator, make_generators
+from diffrl_bench.ds_checkpoint import load_engine_state, save_engine_state, whole_state_dict
 from diffrl_bench.evaluate import EVAL_EMA, build_eval_rewards, eval_snapshot, evaluate
 from diffrl_bench.ledger import CostLedger
 from diffrl_bench.models import THETA, build_policy, calls_per_velocity, index_condition
@@ -156,9 +157,6 @@ class Trainer:
 
         Gradient accumulation stays with the harness (items per optimizer step vary by algorithm): DeepSpeed sees one
         accumulation step and is told where each optimizer step's boundary is."""
-        if self.cfg.checkpoint.every > 0:
-            raise ValueError("checkpoints are not supported under DeepSpeed yet: set checkpoint.every=0 "
-                             "(plain DDP runs checkpoint and resume)")
         ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = self.cfg.train.micro_batch_size
         ds["gradient_accumulation_steps"] = 1
@@ -361,11 +359,18 @@ class Trainer:
 
     def save(self) -> None:
         generators = self.processes.generators_by_rank(self.generators)  # a collective: every process takes part
+        # Under DeepSpeed each process writes its engine partition, and ZeRO-3 weights are gathered: collectives too.
+        engine_state = model = None
+        if self.deepspeed:
+            engine_state = save_engine_state(self.policy.module, self.checkpoints, self.step, self.accelerator)
+            model = whole_state_dict(self.policy.core, keep=self.accelerator.is_main_process)
+        snapshots = self.policy.snapshot_state_dict()  # gathers LoRA snapshot adapters under ZeRO-3: all processes
         if self.accelerator.is_main_process:
             trainer_state = {"step": self.step, "optimizer_steps": self.optimizer_steps,
                              "ledger": self.ledger.state_dict(), "world_size": self.world}
-            save_checkpoint(self.checkpoints, self.step, model=self.policy.core, optimizer=self.optimizer,
-                            snapshots=self.policy.snapshot_state_dict(), generators=generators,
+            save_checkpoint(self.checkpoints, self.step, model=model if model is not None else self.policy.core,
+                            optimizer=None if self.deepspeed else self.optimizer, engine_state=engine_state,
+                            snapshots=snapshots, generators=generators,
                             trainer_state=trainer_state, keep_last=self.cfg.checkpoint.keep_last)
         self.accelerator.wait_for_everyone()
 
@@ -378,7 +383,10 @@ class Trainer:
                 log.info("no checkpoint to resume from; earlier rows moved to %s", moved)
             return
         state, snapshots = load_checkpoint(path, model=self.policy.core, optimizer=self.optimizer,
-                                           generators=self.processes.own_generators(self.generators))
+                                           generators=self.processes.own_generators(self.generators),
+                                           engine=self.deepspeed)
+        if self.deepspeed:  # the engine's weights and optimizer partitions; load_checkpoint verified the files
+            load_engine_state(self.policy.module, path, self.checkpoints, verify=False)
         self.policy.load_snapshot_state_dict(snapshots)
         self.step, self.optimizer_steps = state["step"], state["optimizer_steps"]
         self.ledger.load_state_dict(state["ledger"])

@@ -169,7 +169,12 @@ class LoraSnapshots:
 
     # ---------------------------------------------------------------------------------------- state, export
     def state_dict(self, adapter: str) -> Dict[str, torch.Tensor]:
-        return {k: p.detach().cpu().contiguous() for k, p in self._params[adapter].items()}
+        """Whole copies (gathered under ZeRO-3: then a collective, every process calls it)."""
+        state = {}
+        for k, p in self._params[adapter].items():
+            with full_parameters([p]):
+                state[k] = p.detach().cpu().clone().contiguous()
+        return state
 
     @torch.no_grad()
     def load_state_dict(self, adapter: str, state: Dict[str, torch.Tensor]) -> None:
@@ -178,7 +183,8 @@ class LoraSnapshots:
         if missing or unexpected:
             raise KeyError(f"adapter {adapter!r} state does not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
         for k, p in params.items():
-            p.copy_(state[k])
+            with full_parameters([p], modified=True):  # every process loads the same checkpoint
+                p.copy_(state[k])
 
     def export_state_dict(self) -> Dict[str, torch.Tensor]:
         """theta's adapter in peft's saved-adapter layout (no adapter name in the keys), as diffusers loads it."""
