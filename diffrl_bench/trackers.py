@@ -59,7 +59,7 @@ def check_trackers(names: Sequence[str], options: Optional[Mapping[str, Any]] = 
     Returns the names, lower-cased. Raises TrackerError naming the first unknown or uninstalled tracker, or an
     options key that names no listed tracker (a typo there would otherwise be ignored silently).
     """
-    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+    if isinstance(names, str) or not isinstance(names, Sequence):
         raise TrackerError(f"log.trackers must be a list of tracker names like [tensorboard, wandb], got {names!r}")
     out: List[str] = []
     for i, name in enumerate(names):
@@ -110,9 +110,14 @@ def scalar_row(row: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def to_uint8_hwc(image: Any):
-    """PIL image, (H, W, 3|4|1) or (H, W) array, uint8 or float in [0, 1] -> uint8 (H, W, 3) numpy array."""
+    """Image file path, PIL image, (H, W, 3|4|1) or (H, W) array, uint8 or float in [0, 1] -> uint8 (H, W, 3)."""
     import numpy as np
 
+    if isinstance(image, (str, Path)):
+        from PIL import Image
+
+        with Image.open(image) as picture:
+            return np.asarray(picture.convert("RGB"), dtype=np.uint8)
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
     array = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)

@@ -391,3 +391,22 @@ def test_a_preempted_submitit_job_requeues_itself_and_resumes_from_its_checkpoin
     assert [r["step"] for r in rows(out)] == list(range(1, steps + 1))  # every step exactly once
     assert not list(out.glob("metrics.jsonl.attempt*"))
     assert json.loads((out / "DONE").read_text())["last_step"] == steps
+
+
+def test_runs_are_grouped_for_trackers_by_sweep_arm_and_seed(tmp_path, tiny_model_dir):
+    from diffrl_bench.sweep.state import identity_conflict
+
+    path = make_spec(tmp_path, tiny_model_dir, seeds=[0, 1])
+    runs = expand(load_spec(path))
+    for run in runs:
+        cfg = load_config(run.config, run.overrides)
+        assert cfg.log.group == "t" and dict(cfg.log.tags) == {"arm": run.arm, "seed": str(run.seed)}
+    # A run folder written before these keys existed still holds the same run.
+    run = runs[0]
+    run.out.mkdir(parents=True)
+    old = run.record()
+    old["overrides"] = [o for o in old["overrides"] if not o.startswith(("log.group=", "log.tags="))]
+    (run.out / "arm.json").write_text(json.dumps(old))
+    assert identity_conflict(run) is None
+    with pytest.raises(SweepError, match="log.group"):
+        load_spec(make_spec(tmp_path, tiny_model_dir, common={"log.group": "mine"}, name="bad.yaml"))
