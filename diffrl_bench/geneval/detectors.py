@@ -1,6 +1,6 @@
 """Detector backends of the GenEval server: the protocol, GenEval's own Mask2Former + CLIP stack, and the lookup
-of `--backend` (a built-in name or `module:factory`; `hf-mask2former`, the transformers stack, lives in hf.py). A backend's heavy packages are imported when it is built,
-in the server's environment, never at load time.
+of `--backend` (a built-in name or `module:factory`; `hf-mask2former`, the transformers stack, lives in hf.py).
+A backend's heavy packages are imported when it is built, in the server's environment, never at load time.
 """
 from __future__ import annotations
 

@@ -295,12 +295,14 @@ class HFMask2FormerBackend(Backend):
                 result = self.detector(pixel_values=pixels.to(self.device, self._dtype(self.detector)))
             padded = tuple(pixels.shape[-2:])
             for i in range(len(chunk)):
-                labels, scores, masks, boxes = instances(result.class_queries_logits[i], result.masks_queries_logits[i],
+                labels, scores, masks, boxes = instances(result.class_queries_logits[i],
+                                                         result.masks_queries_logits[i],
                                                          padded, sizes[i], originals[i], self.max_per_image)
                 masks = masks.cpu().numpy()
                 out.append([Detection(self.class_names[int(label)], float(score), tuple(float(v) for v in box),
                                       mask=mask)
-                            for label, score, box, mask in zip(labels.tolist(), scores.tolist(), boxes.tolist(), masks)])
+                            for label, score, box, mask in zip(labels.tolist(), scores.tolist(), boxes.tolist(),
+                                                               masks)])
         return out
 
     def _weights(self, label: str):

@@ -206,7 +206,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="mask2former (mmdet, GenEval's own), hf-mask2former (transformers, no mmdet) "
                              "or module:factory")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="backend option, repeatable (mask2former: config, checkpoint, class_names, ...; hf-mask2former: detector, clip, ...)")
+                        help="backend option, repeatable (mask2former: config, checkpoint, class_names, ...; "
+                             "hf-mask2former: detector, clip, ...)")
     parser.add_argument("--max-body-mb", type=float, default=100.0)
     parser.add_argument("--max-images", type=int, default=256)
     parser.add_argument("--max-pixels", type=int, default=4096 * 4096)
