@@ -16,9 +16,17 @@ def cmd_train(args) -> int:
     from diffrl_bench.config import load_config
     from diffrl_bench.train import train
 
+    import time
+
+    from accelerate import PartialState
+
+    from diffrl_bench.runlog import run_summary
+
     cfg = load_config(args.config, args.overrides)
+    started = time.time()
     out = train(cfg, progress=not args.no_progress)
-    print(f"results: {out}")
+    if PartialState().is_main_process:
+        print(run_summary(Path(out), list(cfg.eval.rewards), time.time() - started))
     return 0
 
 

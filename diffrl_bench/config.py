@@ -166,6 +166,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class LogConfig:
+    trackers: List[str] = field(default_factory=list)
+    """experiment trackers that mirror metrics.jsonl (which stays the source of truth): any of tensorboard, wandb,
+    mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio (accelerate's tracker names); each needs its package
+    (pip install 'diffrl-bench[trackers]' for tensorboard, wandb, mlflow)"""
+    tracker_options: Dict[str, Any] = field(default_factory=dict)
+    """per tracker, its keyword options, e.g. {wandb: {project: my-project, entity: my-team, mode: offline},
+    mlflow: {tracking_uri: "http://localhost:5000"}, tensorboard: {subdir: tensorboard}}"""
+    group: str = ""
+    """groups runs in the trackers (W&B group and default project, MLflow experiment); sweeps set the sweep name"""
+    tags: Dict[str, str] = field(default_factory=dict)
+    """tags for the trackers; sweeps set {arm: <arm>, seed: <seed>}"""
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     """run name (used in the default output directory)"""
@@ -184,6 +199,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def _explain(error: OmegaConfBaseException, source: str) -> ConfigError:
@@ -272,6 +288,12 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", f"{cfg.train.device!r} is not auto, cpu or cuda")
     need(len(cfg.optim.betas) == 2, "optim.betas", "needs two values")
     need(cfg.optim.lr > 0, "optim.lr", "must be positive")
+    from diffrl_bench.trackers import TrackerError, check_trackers
+
+    try:
+        check_trackers(list(cfg.log.trackers), OmegaConf.to_container(cfg.log.tracker_options))
+    except TrackerError as error:
+        raise ConfigError(f"bad config key 'log': {error}") from None
     options = algo_config(cfg)
     check_run = getattr(ALGORITHMS.get(cfg.algorithm), "check_run", None)
     if check_run is not None:

@@ -101,3 +101,34 @@ def run_info(device_kind: str, world_size: int) -> dict:
     return {"git_commit": git_commit(), "packages": packages, "python": sys.version.split()[0],
             "platform": platform.platform(), "device_kind": device_kind, "world_size": world_size,
             "command": sys.argv}
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def run_summary(directory: Path, eval_rewards: List[str], seconds: float) -> str:
+    """The line `train` ends with: held-out score at the first and last evaluation, time, and the figures."""
+    rows = MetricsLog(directory).rows()
+    first = eval_rewards[0] if eval_rewards else "reward"
+    # The headline the Trainer logs (strict task mean); rewards without a strict part have only their own column.
+    candidates = [f"eval/{first}.strict.task_mean", f"eval/{first}"]
+    evals = [r for r in rows if any(r.get(k) is not None for k in candidates)]
+    if evals:
+        key = next(k for k in candidates if evals[0].get(k) is not None)
+        evals = [r for r in evals if r.get(key) is not None]
+        start, end = evals[0], evals[-1]
+        score = (f"held-out {key[len('eval/'):]}: {start[key]:.4f} at step {start['step']} -> "
+                 f"{end[key]:.4f} at step {end['step']}")
+    else:
+        score = "no held-out evaluation (eval.every < 0)"
+    took = f"took {_duration(seconds)}"
+    device_s = next((r["cost/device_s"] for r in reversed(rows) if r.get("cost/device_s") is not None), None)
+    if device_s is not None and abs(device_s - seconds) > 1:
+        took += f" ({_duration(device_s)} device time over all attempts)"
+    figures = [p.name for p in [directory / "reward_vs_cost.png", *sorted(directory.glob("grid_*.png"))] if p.exists()]
+    where = f"figures in {directory}: {', '.join(figures)}" if figures else f"results in {directory}"
+    return f"done: {score}; {took}; {where}"

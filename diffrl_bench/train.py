@@ -34,6 +34,7 @@ from diffrl_bench.rollout import sample_chunks
 from diffrl_bench.runlog import MetricsLog, run_info
 from diffrl_bench.sampling import Transitions, flow_sigmas
 from diffrl_bench.schedules import eval_ema_decay
+from diffrl_bench.trackers import Trackers
 
 log = logging.getLogger("diffrl_bench")
 
@@ -120,6 +121,8 @@ class Trainer:
         self.optimizer_steps = 0
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.out, writable=self.accelerator.is_main_process)
+        self.trackers = Trackers(cfg.log.trackers, OmegaConf.to_container(cfg.log.tracker_options), self.out,
+                                 self.accelerator.is_main_process)
         self.checkpoints = self.out / "checkpoints"
         if cfg.checkpoint.resume:
             self._maybe_resume()
@@ -349,6 +352,8 @@ class Trainer:
                             per_prompt=shown, title=f"{self.cfg.name}: {tag} (step {self.step})")
         row = {"step": self.step, **metrics, **self.ledger.columns()}
         self.metrics.append(row)
+        self.trackers.log(row, self.step)
+        self.trackers.log_images(f"eval/grid_{tag}", self.out / f"grid_{tag}.png", self.step)
         headline = self.headline_key()
         log.info("eval at step %d: %s = %.4f", self.step, headline, metrics.get(headline, float("nan")))
         return row
@@ -409,6 +414,10 @@ class Trainer:
             save_config(cfg, self.out / "config.yaml")
             (self.out / "run_info.json").write_text(json.dumps(run_info(self.ledger.device_kind, self.ledger.world_size),
                                                                indent=2))
+            # Before any work: a tracker that cannot start stops the run here, naming it.
+            self.trackers.start(cfg.name, OmegaConf.to_container(cfg, resolve=True),
+                                json.loads((self.out / "run_info.json").read_text()), group=cfg.log.group or None,
+                                tags=OmegaConf.to_container(cfg.log.tags))
         log.info("run %s: %s on %s, %d steps -> %s", cfg.name, cfg.algorithm, self.ledger.device_kind, cfg.train.steps, self.out)
         if self.step == 0 and cfg.eval.every >= 0:
             self.run_eval("start")
@@ -419,6 +428,7 @@ class Trainer:
             while not last:
                 row = self.rl_step()
                 self.metrics.append(row)
+                self.trackers.log(row, row["step"])
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward/mean']:.3f}", gpu_h=f"{row['cost/gpu_hours']:.4f}")
                 last = self.finished()
@@ -445,4 +455,12 @@ class Trainer:
 
 
 def train(cfg: DictConfig, progress: bool = True) -> Path:
-    return Trainer(cfg, progress=progress).run()
+    trainer = Trainer(cfg, progress=progress)
+    try:
+        out = trainer.run()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            trainer.trackers.finish()
+        raise
+    trainer.trackers.finish()
+    return out

@@ -1,5 +1,6 @@
-"""GenEval reward: an HTTP client of the GenEval server (diffrl_bench/geneval/), which runs the detector
-in its own process and environment."""
+"""GenEval reward: by default an HTTP client of the GenEval server (diffrl_bench/geneval/), which runs the detector
+in its own process and environment; with `backend: hf-mask2former` the transformers detector (geneval/hf.py) runs
+in the training process instead, under the same logged names."""
 from __future__ import annotations
 
 import base64
@@ -15,7 +16,10 @@ from PIL import Image
 
 from diffrl_bench.geneval import PARTIAL_MODES, MetadataError, validate_metadata
 from diffrl_bench.registry import REWARDS
+from diffrl_bench.reward_harness import option_error
 from diffrl_bench.rewards._common import check_images, option, to_uint8_hwc
+
+BACKENDS = ("server", "hf-mask2former")
 
 _START_HINT = ("start it in the GenEval environment: python -m diffrl_bench.geneval --port PORT "
                "--backend mask2former --option config=... --option checkpoint=... --option class_names=...")
@@ -40,6 +44,10 @@ class GenEvalReward:
     Options: `url` (http://127.0.0.1:18085), `timeout` (seconds per request, 120), `batch_size` (most images per
     request, 32; requests are also split to fit the server's --max-images and --max-body-mb, which the client
     reads once from GET /health), `strict_weight` (0), `partial_mode`.
+    `backend`: "server" (default, the options above) or "hf-mask2former": no server; the transformers Mask2Former +
+    CLIP detector runs in this process, and every further option goes to it or to the rules (detector, clip,
+    device, dtype, local_files_only, batch_size, threshold, counting_threshold, ...; see geneval/hf.py and
+    docs/rewards.md). The logged names are the same either way; runs record the backend in config.yaml.
     Logged parts: `geneval.strict`, `geneval.partial`.
     """
 
@@ -47,8 +55,14 @@ class GenEvalReward:
     needs_metadata = ("tag", "include")
 
     def __init__(self, url: str = "http://127.0.0.1:18085", timeout: float = 120.0, batch_size: int = 32,
-                 strict_weight: float = 0.0, partial_mode: str = "clauses"):
+                 strict_weight: float = 0.0, partial_mode: str = "clauses", backend: str = "server",
+                 **backend_options: Any):
         name = self.name
+        self.backend = option(name, "backend", backend, str, lambda v: v in BACKENDS, f"is not one of {BACKENDS}")
+        if backend == "server" and backend_options:
+            raise option_error(name, sorted(backend_options)[0], backend_options[sorted(backend_options)[0]],
+                               f"is not an option of the server client (options {sorted(backend_options)} "
+                               f"need backend: hf-mask2former)")
         self.url = option(name, "url", url, str, lambda v: v.startswith(("http://", "https://")),
                           "is not an http:// URL").rstrip("/")
         self.timeout = option(name, "timeout", timeout, float, lambda v: v > 0, "is not positive")
@@ -58,6 +72,11 @@ class GenEvalReward:
         self.partial_mode = option(name, "partial_mode", partial_mode, str, lambda v: v in PARTIAL_MODES,
                                    f"is not one of {list(PARTIAL_MODES)}")
         self._limits: Tuple[int, int] | None = None
+        self._in_process = None
+        if backend == "hf-mask2former":
+            from diffrl_bench.geneval.hf import GenEvalInProcess
+
+            self._in_process = GenEvalInProcess(self.strict_weight, self.partial_mode, **backend_options)
 
     def _open(self, request: urllib.request.Request, what: str) -> bytes:
         endpoint = request.full_url
@@ -134,6 +153,8 @@ class GenEvalReward:
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str],
                  metadata: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        if self._in_process is not None:
+            return self._in_process(images, prompts, metadata)
         check_images(self.name, images, prompts)
         if metadata is None or len(metadata) != len(prompts):
             raise ValueError(f"geneval: needs one GenEval metadata record per image, got "

@@ -143,3 +143,24 @@ def test_a_run_with_an_evaluation_ema_evaluates_and_exports_the_ema(tiny_run, tm
     capsys.readouterr()
     assert main(["eval", str(run / "config.yaml"), f"model.path={out}", "eval.ema_decay=0"]) == 0
     assert json.loads(capsys.readouterr().out) == logged
+
+
+def test_train_ends_with_a_summary_of_scores_time_and_figures(tiny_run, tmp_path, capsys):
+    import json
+    import re
+
+    out = tmp_path / "run"
+    assert main(["train", "toy_nft", "--no-progress", *tiny_run("train.steps=2", "eval.every=1", out=out)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    key = "eval/toy_geneval.strict.task_mean"
+    evals = [r for r in rows if r.get(key) is not None]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    match = re.fullmatch(r"done: held-out toy_geneval\.strict\.task_mean: (\S+) at step 0 -> (\S+) at step 2; "
+                         r"took (\S+?)(?: \(.*\))?; figures in (\S+): (.*)", line)
+    assert match, line
+    assert (float(match[1]), float(match[2])) == (round(evals[0][key], 4), round(evals[-1][key], 4))
+    assert Path(match[4]) == out
+    figures = match[5].split(", ")
+    assert figures[0] == "reward_vs_cost.png" and {"grid_start.png", "grid_end.png"} <= set(figures)
+    assert all((out / name).exists() for name in figures)

@@ -14,7 +14,7 @@ import yaml
 from filelock import FileLock
 
 from diffrl_bench import sweep
-from diffrl_bench.checkpoint import latest_checkpoint
+from diffrl_bench.checkpoint import PREFIX, latest_checkpoint
 from diffrl_bench.config import load_config
 from diffrl_bench.sweep import SweepError, expand, load_spec, main, validate_runs
 
@@ -343,3 +343,70 @@ def test_killed_sweep_resumes_without_losing_or_repeating_anything(tmp_path, tin
     for column in ("reward/mean", "loss/loss", "train/grad_norm", "cost/nfe", "cost/images"):
         assert a[column].tolist() == b[column].tolist(), column
     assert b["cost/device_s"].is_monotonic_increasing
+
+
+def _child_pids(pid: int) -> list:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the job's process through /proc")
+def test_a_preempted_submitit_job_requeues_itself_and_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
+    """Slurm's way of ending a job early, replayed on submitit's local executor: SIGTERM (submitit ignores it), then
+    USR2, on which the job checkpoints its callable, requeues and exits; the restarted job resumes the run."""
+    import submitit
+
+    from diffrl_bench.sweep import RequeueableRun, RunJob
+
+    steps, every = 8, 3
+    path = make_spec(tmp_path, tiny_model_dir, reward="toy_geneval", steps=steps, arms={"a": {"config": "toy_nft"}},
+                     common={"train.threads": 1, "rollout.chunk_size": 4, "rollout.sampler.num_steps": 3,
+                             "train.micro_batch_size": 4, "algo.num_train_times": 2, "checkpoint.every": every})
+    (run,) = expand(load_spec(path))
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="local")
+    executor.update_parameters(timeout_min=30)
+    job = executor.submit(RequeueableRun(), RunJob(run=run))
+    out = run.out
+    deadline = time.time() + 120
+    try:
+        # Signal between two checkpoints, so that the resumed attempt has steps to redo.
+        while not ((out / "metrics.jsonl").exists() and any(r["step"] > every for r in rows(out))):
+            assert not job.done(), job.stderr()
+            assert time.time() < deadline, "job too slow"
+            time.sleep(0.02)
+        (task,) = _child_pids(int(job.job_id))
+        os.kill(int(job.job_id), signal.SIGTERM)  # the controller forwards it to the task, which ignores it
+        time.sleep(0.5)
+        assert not job.done() and _child_pids(int(job.job_id)) == [task]
+        os.kill(task, signal.SIGUSR2)
+        result = job.result()
+    finally:
+        if not job.done():
+            job.cancel(check=False)
+    assert result["status"] == "done", result
+    log_text = job.stdout() + (job.stderr() or "")
+    assert "Bypassing signal SIGTERM" in log_text and "Requeued job" in log_text
+    assert f"interrupted; requeued to resume from {PREFIX}" in log_text
+    assert "resumed from" in log_text
+    assert [r["step"] for r in rows(out)] == list(range(1, steps + 1))  # every step exactly once
+    assert not list(out.glob("metrics.jsonl.attempt*"))
+    assert json.loads((out / "DONE").read_text())["last_step"] == steps
+
+
+def test_runs_are_grouped_for_trackers_by_sweep_arm_and_seed(tmp_path, tiny_model_dir):
+    from diffrl_bench.sweep.state import identity_conflict
+
+    path = make_spec(tmp_path, tiny_model_dir, seeds=[0, 1])
+    runs = expand(load_spec(path))
+    for run in runs:
+        cfg = load_config(run.config, run.overrides)
+        assert cfg.log.group == "t" and dict(cfg.log.tags) == {"arm": run.arm, "seed": str(run.seed)}
+    # A run folder written before these keys existed still holds the same run.
+    run = runs[0]
+    run.out.mkdir(parents=True)
+    old = run.record()
+    old["overrides"] = [o for o in old["overrides"] if not o.startswith(("log.group=", "log.tags="))]
+    (run.out / "arm.json").write_text(json.dumps(old))
+    assert identity_conflict(run) is None
+    with pytest.raises(SweepError, match="log.group"):
+        load_spec(make_spec(tmp_path, tiny_model_dir, common={"log.group": "mine"}, name="bad.yaml"))

@@ -197,3 +197,53 @@ def test_evaluation_ema_follows_its_warmed_up_decay(tiny_run, tmp_path, every, e
                                rtol=1e-5, atol=1e-6)
     assert not torch.allclose(thetas[1], base)
     trainer.reward.close()
+
+
+needs_tensorboard = pytest.mark.skipif(__import__("importlib").util.find_spec("tensorboard") is None,
+                                       reason="tensorboard not installed")
+
+
+@needs_tensorboard
+def test_tensorboard_mirrors_metrics_jsonl_once_per_step_across_a_crash_and_resume(tiny_run, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    overrides = tiny_run("train.steps=4", "eval.every=2", "checkpoint.every=2", "log.trackers=[tensorboard]", out=out)
+    real_step = Trainer.rl_step
+
+    def crash_at_step_4(self):
+        if self.step == 3:
+            raise RuntimeError("node lost")
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "rl_step", crash_at_step_4)
+    with pytest.raises(RuntimeError, match="node lost"):
+        train(load_config("toy_nft", overrides), progress=False)  # logged steps 0..3, checkpoint at 2
+    monkeypatch.setattr(Trainer, "rl_step", real_step)
+    train(load_config("toy_nft", overrides), progress=False)  # redoes step 3 (already tracked), then 4 and the end
+
+    table = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in table] == [0, 1, 2, 2, 3, 4, 4]
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    # Timings differ between the attempts; everything else is the same computation (resume is exact).
+    for tag in ("reward/mean", "loss/loss", "cost/nfe", "eval/toy_geneval.strict.task_mean", "eval/toy_geneval"):
+        want = [(r["step"], r[tag]) for r in table if r.get(tag) is not None]
+        got = sorted((e.step, e.value) for e in events.Scalars(tag))
+        assert [s for s, _ in got] == [s for s, _ in want], tag  # every step once
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6), tag
+    for grid in ("start", "step00002", "end"):
+        assert len(events.Images(f"eval/grid_{grid}")) == 1, grid
+
+
+@needs_tensorboard
+def test_a_tracker_that_cannot_start_stops_the_run_before_any_work(tiny_run, tmp_path):
+    from diffrl_bench.trackers import TrackerError
+
+    out = tmp_path / "run"
+    cfg = load_config("toy_nft", tiny_run("log.trackers=[tensorboard]",
+                                          "log.tracker_options={tensorboard: {no_such_option: 1}}", out=out))
+    with pytest.raises(TrackerError, match="'tensorboard' failed to start.*no_such_option"):
+        train(cfg, progress=False)
+    assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip()
+    assert not list(out.glob("grid_*.png")) and not (out / "checkpoints").exists()

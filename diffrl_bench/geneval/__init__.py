@@ -9,7 +9,9 @@ the repository root (or with it on PYTHONPATH), or `python path/to/diffrl_bench/
 
 Modules: `metadata` (the record format, also used by the prompt-file loader), `rules` (GenEval's clause rules and
 the strict / partial scores), `detectors` (the backend protocol, GenEval's Mask2Former + CLIP stack, the
-`--backend` lookup), `server` (HTTP API and command line; `__main__` starts it).
+`--backend` lookup), `hf` (the same detector on transformers, no mmdet: `--backend hf-mask2former`, and the
+in-process `geneval` reward with `backend: hf-mask2former`; not imported here, it needs torch), `server` (HTTP
+API and command line; `__main__` starts it).
 """
 from diffrl_bench.geneval.detectors import BACKENDS, COLORS, Backend, Mask2FormerBackend, build_backend
 from diffrl_bench.geneval.metadata import RELATIONS, MetadataError, validate_metadata

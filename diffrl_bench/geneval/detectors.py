@@ -1,6 +1,6 @@
 """Detector backends of the GenEval server: the protocol, GenEval's own Mask2Former + CLIP stack, and the lookup
-of `--backend` (a built-in name or `module:factory`). A backend's heavy packages are imported when it is built,
-in the server's environment, never at load time.
+of `--backend` (a built-in name or `module:factory`; `hf-mask2former`, the transformers stack, lives in hf.py).
+A backend's heavy packages are imported when it is built, in the server's environment, never at load time.
 """
 from __future__ import annotations
 
@@ -117,11 +117,19 @@ class Mask2FormerBackend(Backend):
         return [COLORS[i] for i in logits.argmax(dim=1).tolist()]
 
 
-BACKENDS: Dict[str, Callable[..., Backend]] = {"mask2former": Mask2FormerBackend}
+def _hf_mask2former(**options) -> Backend:
+    # Imported on use: the module needs torch, transformers and this project's rewards package.
+    from diffrl_bench.geneval.hf import HFMask2FormerBackend
+
+    return HFMask2FormerBackend(**options)
+
+
+BACKENDS: Dict[str, Callable[..., Backend]] = {"mask2former": Mask2FormerBackend, "hf-mask2former": _hf_mask2former}
 
 
 def build_backend(spec: str, options: Dict[str, str]) -> Backend:
-    """`mask2former` or `package.module:factory` (a class or function taking the options as keyword strings)."""
+    """`mask2former`, `hf-mask2former` (geneval/hf.py: transformers, no mmdet) or `package.module:factory` (a class
+    or function taking the options as keyword strings)."""
     if spec in BACKENDS:
         factory = BACKENDS[spec]
     elif ":" in spec:

@@ -202,9 +202,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                      description="GenEval reward server (detector + colour classifier over HTTP)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; there is no auth)")
     parser.add_argument("--port", type=int, default=18085)
-    parser.add_argument("--backend", default="mask2former", help="mask2former or module:factory")
+    parser.add_argument("--backend", default="mask2former",
+                        help="mask2former (mmdet, GenEval's own), hf-mask2former (transformers, no mmdet) "
+                             "or module:factory")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="backend option, repeatable (mask2former: config, checkpoint, class_names, ...)")
+                        help="backend option, repeatable (mask2former: config, checkpoint, class_names, ...; "
+                             "hf-mask2former: detector, clip, ...)")
     parser.add_argument("--max-body-mb", type=float, default=100.0)
     parser.add_argument("--max-images", type=int, default=256)
     parser.add_argument("--max-pixels", type=int, default=4096 * 4096)

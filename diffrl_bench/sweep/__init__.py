@@ -18,12 +18,12 @@ through `accelerate launch`), `executors` (sequential, submitit local, Slurm), `
 from diffrl_bench.sweep.cli import add_arguments, format_counts, format_table, main, run
 from diffrl_bench.sweep.executors import EXECUTORS, Progress, device_groups, execute
 from diffrl_bench.sweep.expansion import dotlist, expand, format_value, validate_runs
-from diffrl_bench.sweep.job import RunJob, accelerate_command, run_job
+from diffrl_bench.sweep.job import RequeueableRun, RunJob, accelerate_command, run_job
 from diffrl_bench.sweep.spec import Arm, ExecutorSpec, Spec, SweepError, SweepRun, load_spec
 from diffrl_bench.sweep.state import STATUSES, status_of, write_sweep_record
 from diffrl_bench.sweep.tuning import choose, expand_tuning, load_chosen
 
-__all__ = ["EXECUTORS", "STATUSES", "Arm", "ExecutorSpec", "Progress", "RunJob", "Spec", "SweepError", "SweepRun",
+__all__ = ["EXECUTORS", "STATUSES", "Arm", "ExecutorSpec", "Progress", "RequeueableRun", "RunJob", "Spec", "SweepError", "SweepRun",
            "accelerate_command", "add_arguments", "choose", "device_groups", "dotlist", "execute", "expand",
            "expand_tuning", "format_counts", "format_table", "format_value", "load_chosen", "load_spec", "main", "run",
            "run_job", "status_of", "validate_runs", "write_sweep_record"]

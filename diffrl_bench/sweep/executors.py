@@ -1,5 +1,6 @@
 """Executing a sweep's runs: in this process one after another, as submitit local jobs on disjoint device groups,
-or as one Slurm job array; a progress bar over runs; `execute` skips what is done or running elsewhere."""
+or as one Slurm job array (jobs requeue themselves when preempted or timed out: job.RequeueableRun); a progress
+bar over runs; `execute` skips what is done or running elsewhere."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,7 @@ import threading
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence
 
-from diffrl_bench.sweep.job import RunJob, run_job
+from diffrl_bench.sweep.job import RequeueableRun, RunJob, run_job
 from diffrl_bench.sweep.spec import Spec, SweepError, SweepRun, spec_error
 from diffrl_bench.sweep.state import DONE, FAILED, FAILED_FILE, RUNNING, status_of
 
@@ -123,7 +124,7 @@ def _execute_local(spec: Spec, runs: Sequence[SweepRun], progress: Progress) -> 
         devices = slots.get()
         try:
             with submit_lock:
-                job = executor.submit(run_job, _job(spec, run, devices))
+                job = executor.submit(RequeueableRun(), _job(spec, run, devices))
                 jobs.append(job)
             where = f"local job {job.job_id}" + (f", CUDA_VISIBLE_DEVICES={devices}" if devices else "")
             progress.started(run, where)
@@ -167,7 +168,7 @@ def _execute_slurm(spec: Spec, runs: Sequence[SweepRun], progress: Progress) -> 
     # A sweep started inside a Slurm allocation must not hand its SLURM_* variables to the jobs it submits.
     with clean_env():
         with executor.batch():
-            jobs = [executor.submit(run_job, _job(spec, run)) for run in runs]
+            jobs = [executor.submit(RequeueableRun(), _job(spec, run)) for run in runs]
     by_job = {}
     for job, run in zip(jobs, runs):
         by_job[id(job)] = run

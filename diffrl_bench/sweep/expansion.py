@@ -73,7 +73,8 @@ def expand(spec: Spec, tuned: Optional[Dict[str, Dict[str, Any]]] = None) -> Lis
                 values.update(point)
                 shown = dotlist({**arm.overrides, **(tuned or {}).get(arm.name, {}), **point})
                 values.update({"name": f"{name}_seed{seed}", "output_dir": str(out), "train.seed": seed,
-                               "checkpoint.resume": True})
+                               "checkpoint.resume": True, "log.group": spec.name,
+                               "log.tags": {"arm": arm.name, "seed": str(seed)}})
                 runs.append(SweepRun(name=name, arm=arm.name, seed=seed, grid=point, config=arm.config,
                                 overrides=dotlist(values), shown=shown, output_dir=str(out), sweep=spec.name))
     return runs

@@ -1,5 +1,6 @@
-"""One run as a job: what a worker (this process, a local job or a Slurm job) needs, and how it executes the run
-under its folder lock, in-process or through `accelerate launch`."""
+"""One run as a job: what a worker (this process, a local job or a Slurm job) needs, how it executes the run under
+its folder lock, in-process or through `accelerate launch`, and `RequeueableRun`, the submitit callable that
+requeues itself when preempted or at its time limit."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+from submitit.helpers import Checkpointable, DelayedSubmission
 
 from diffrl_bench.config import load_config
 from diffrl_bench.console import setup_logging
@@ -137,3 +140,26 @@ def run_job(job: RunJob) -> Dict[str, Any]:
         return {**result, "status": DONE, "seconds": seconds}
     finally:
         lock.release()
+
+
+class RequeueableRun(Checkpointable):
+    """`run_job` as a submitit job that goes back into the queue when Slurm preempts it or its time limit nears.
+
+    submitit's job process catches the signal Slurm sends ahead of the end (USR2 by default, `--signal`
+    USR2@`signal_delay_s`; SIGTERM alone is ignored), calls `checkpoint`, requeues the job (`scontrol requeue`;
+    the local executor restarts it) and exits: the SystemExit unwinds the Trainer and releases the run's lock. The
+    state is the run folder itself: the next attempt's Trainer resumes from the newest checkpoint and truncates
+    metrics.jsonl after it, so the steps since then are redone and logged once. Preemptions requeue without limit;
+    time limits at most `slurm_max_num_timeout` times (submitit's default 3).
+    """
+
+    def __call__(self, job: RunJob) -> Dict[str, Any]:
+        return run_job(job)
+
+    def checkpoint(self, job: RunJob) -> DelayedSubmission:
+        from diffrl_bench.checkpoint import latest_checkpoint
+
+        newest = latest_checkpoint(job.run.out / "checkpoints")
+        log.warning("%s: interrupted; requeued to resume from %s", job.run.id,
+                    newest.name if newest is not None else "the start (no checkpoint yet)")
+        return DelayedSubmission(self, job)

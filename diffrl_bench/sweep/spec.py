@@ -20,7 +20,7 @@ FAIRNESS_KEYS = ("rollout.images_per_prompt", "rollout.prompts_per_step", "train
                  "train.budget_nfe")
 BUDGET_TARGETS = {"steps": "train.steps", "gpu_hours": "train.budget_gpu_hours", "nfe": "train.budget_nfe"}
 # Keys the sweep sets per run; a spec that set them would break the run folder layout or resumption.
-RUN_KEYS = ("name", "output_dir", "train.seed", "checkpoint.resume")
+RUN_KEYS = ("name", "output_dir", "train.seed", "checkpoint.resume", "log.group", "log.tags")
 # A budget in GPU-hours or NFEs stops the run; train.steps then only has to be out of the way.
 DEFAULT_MAX_STEPS = 1_000_000
 

@@ -16,9 +16,11 @@ STATUSES = (DONE, RUNNING, PARTIAL, FAILED, NEW)
 
 
 def _identity(record: Dict[str, Any]) -> Dict[str, Any]:
-    # The folder's location is not part of what the run is: a moved results folder is still the same run.
+    # The folder's location is not part of what the run is: a moved results folder is still the same run. Nor are
+    # the tracker grouping keys (added later; a run folder written before them is still the same run).
     return {"config": record.get("config"),
-            "overrides": [o for o in record.get("overrides", []) if not o.startswith("output_dir=")]}
+            "overrides": [o for o in record.get("overrides", [])
+                          if not o.startswith(("output_dir=", "log.group=", "log.tags="))]}
 
 
 def identity_conflict(run: SweepRun) -> Optional[str]:
