@@ -24,7 +24,7 @@ RUN_KEYS = ("name", "output_dir", "train.seed", "checkpoint.resume")
 DEFAULT_MAX_STEPS = 1_000_000
 
 SPEC_KEYS = ("name", "results_dir", "seeds", "budget", "fairness", "common", "arms", "grid", "ablate", "baseline",
-             "executor")
+             "executor", "per_arm")
 ARM_KEYS = ("config", "overrides")
 BUDGET_KEYS = ("steps", "gpu_hours", "nfe", "max_steps")
 EXECUTOR_KEYS = ("kind", "parallel", "launcher", "num_processes", "launcher_args", "parameters", "cluster")
@@ -76,6 +76,9 @@ class Spec:
     ablate: List[str]
     baseline: Optional[str]
     executor: ExecutorSpec
+    per_arm: List[str] = field(default_factory=list)
+    """fairness keys each arm deliberately takes from its own config (its authors' setting, e.g. the evaluation
+    CFG): exempt from the agreement check, not an ablation axis; the report states their values per arm"""
 
     def fairness_keys(self) -> List[str]:
         return list(FAIRNESS_SECTIONS) + list(FAIRNESS_KEYS) + [k for k in self.fairness if k not in FAIRNESS_KEYS]
@@ -93,7 +96,8 @@ class Spec:
         return {"name": self.name, "spec_file": str(self.path.resolve()), "results_dir": str(self.results_dir),
                 "seeds": self.seeds, "budget": self.budget, "fairness": self.fairness, "common": self.common,
                 "arms": {a.name: {"config": a.config, "overrides": a.overrides} for a in self.arms},
-                "grid": self.grid, "ablate": self.ablate, "baseline": self.baseline, "executor": asdict(self.executor)}
+                "grid": self.grid, "ablate": self.ablate, "baseline": self.baseline, "executor": asdict(self.executor),
+                "per_arm": self.per_arm}
 
 
 @dataclass
@@ -218,6 +222,14 @@ def load_spec(path: str | Path) -> Spec:
     ablate = raw.get("ablate") or []
     if not isinstance(ablate, list) or not all(isinstance(k, str) and k for k in ablate):
         raise spec_error(spec_path, "ablate", f"must be a list of config keys, got {ablate!r}")
+    per_arm = raw.get("per_arm") or []
+    if not isinstance(per_arm, list) or not all(isinstance(k, str) and k for k in per_arm):
+        raise spec_error(spec_path, "per_arm", f"must be a list of config keys, got {per_arm!r}")
+    for key in per_arm:
+        clash = [f for f in fairness if key_under(f, key) or key_under(key, f)]
+        if clash:
+            raise spec_error(spec_path, "per_arm", f"'{key}' is also fixed under fairness ({clash[0]}); an arm "
+                                                   "either keeps its own value or every arm shares one")
 
     executor_raw = _mapping(spec_path, "executor", raw.get("executor"))
     _check_keys(spec_path, "executor", executor_raw, EXECUTOR_KEYS)
@@ -255,7 +267,8 @@ def load_spec(path: str | Path) -> Spec:
     if baseline is not None and baseline not in arms_raw:
         raise spec_error(spec_path, "baseline", f"{baseline!r} is not an arm ({list(arms_raw)})")
 
-    spec = Spec(spec_path, name, results_dir, seeds, budget, fairness, common, arms, grid, ablate, baseline, executor)
+    spec = Spec(spec_path, name, results_dir, seeds, budget, fairness, common, arms, grid, ablate, baseline, executor,
+                per_arm)
     _check_fairness_rules(spec)
     return spec
 
@@ -269,7 +282,7 @@ def _check_fairness_rules(spec: Spec) -> None:
         return any(key_under(leaf, k) or key_under(k, leaf) for k in fair)
 
     def ablated(leaf: str) -> bool:
-        return any(key_under(leaf, a) for a in spec.ablate)
+        return any(key_under(leaf, a) for a in spec.ablate + spec.per_arm)
 
     blocks = [("fairness", spec.fairness), ("common", spec.common), ("grid", {k: None for k in spec.grid})]
     blocks += [(f"arms.{a.name}.overrides", a.overrides) for a in spec.arms]
