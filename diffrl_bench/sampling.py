@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -145,13 +145,34 @@ def _sigma_batch(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.full((x.shape[0],), sigma, dtype=time_dtype(x), device=x.device)
 
 
-def _model_sigma(x: torch.Tensor, sigma: float, model_time: Optional[Callable[[torch.Tensor], torch.Tensor]]):
+ModelTime = Union[None, str, Callable[[torch.Tensor], torch.Tensor]]
+
+MODEL_TIMES: Dict[str, Optional[Callable[[torch.Tensor], torch.Tensor]]] = {
+    "sigma": None,
+    "floor1000": lambda s: torch.floor(s * 1000) / 1000,
+}
+"""Named `model_time` modes a config can set. `sigma`: the model sees the true sigma. `floor1000`: it sees
+`long(sigma * 1000) / 1000`, what the SD3 pipeline's integer timesteps hand the transformer in DiffusionNFT's and the
+ELBO-PG code's rollouts and evaluation (DiffusionNFT@24af5554:flow_grpo/diffusers_patch/pipeline_with_logprob.py:213)."""
+
+
+def _model_time_map(model_time: ModelTime):
+    if model_time is None or callable(model_time):
+        return model_time
+    if model_time not in MODEL_TIMES:
+        raise ValueError(f"sampler option model_time={model_time!r} is not one of {sorted(MODEL_TIMES)} "
+                         "(or a callable)")
+    return MODEL_TIMES[model_time]
+
+
+def _model_sigma(x: torch.Tensor, sigma: float, model_time: ModelTime):
     """Sigma as seen by the model: optionally remapped (e.g. the SD3 pipeline's integer-timestep truncation).
 
     The map is applied in float64 so that e.g. `floor(sigma * 1000)` sees the exact grid value, then cast."""
     tau = torch.full((x.shape[0],), sigma, dtype=torch.float64, device=x.device)
-    if model_time is not None:
-        tau = model_time(tau)
+    remap = _model_time_map(model_time)
+    if remap is not None:
+        tau = remap(tau)
     return tau.to(time_dtype(x))
 
 
@@ -160,15 +181,18 @@ def euler_sample(
     velocity_fn: VelocityFn,
     x_init: torch.Tensor,
     sigmas: torch.Tensor,
+    model_time: ModelTime = None,
     *,
     generator: Optional[torch.Generator] = None,
 ) -> Rollout:
     """First-order ODE sampler: `x' = x + v(x, sigma) (sigma' - sigma)`, one model call per step (deterministic:
-    `generator` is unused)."""
+    `generator` is unused). `model_time`: what the model is told the time is (`MODEL_TIMES`; the update always
+    uses the true sigmas)."""
     grid = [float(s) for s in sigmas]
     x = x_init
+    _model_time_map(model_time)  # a bad name fails before the first model call
     for sigma, sigma_next in zip(grid[:-1], grid[1:]):
-        v = velocity_fn(x, _sigma_batch(x, sigma))
+        v = velocity_fn(x, _sigma_batch(x, sigma) if model_time is None else _model_sigma(x, sigma, model_time))
         x = x + v * (sigma_next - sigma)
     return Rollout(x0=x, sigmas=sigmas, nfe=len(grid) - 1)
 
@@ -187,7 +211,7 @@ def dpm2_sample(
     velocity_fn: VelocityFn,
     x_init: torch.Tensor,
     sigmas: torch.Tensor,
-    model_time: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    model_time: ModelTime = None,
     *,
     generator: Optional[torch.Generator] = None,
 ) -> Rollout:
@@ -203,12 +227,14 @@ def dpm2_sample(
     Deterministic: `generator` is unused.
 
     Args:
-        model_time: maps the (B,) float64 sigma handed to the model (e.g. `floor(sigma * 1000) / 1000`, what the SD3
-            pipeline's integer timesteps give the transformer). The update formulas always use the true sigmas.
+        model_time: a `MODEL_TIMES` name or a map of the (B,) float64 sigma handed to the model (e.g.
+            `floor1000`, what the SD3 pipeline's integer timesteps give the transformer). The update formulas always
+            use the true sigmas.
     """
     grid = [float(s) for s in sigmas]
     num_steps = len(grid) - 1
     x = x_init
+    _model_time_map(model_time)
     m_prev: Optional[torch.Tensor] = None
     h_prev = math.inf
     for i in range(num_steps):

@@ -29,21 +29,29 @@ def edit_distance(a: str, b: str) -> int:
     return previous[-1]
 
 
-def normalize_text(text: str, case_sensitive: bool = False) -> str:
-    """Drop all whitespace (the fast detector setting can merge or split words) and, by default, lower-case."""
-    text = "".join(text.split())
+WHITESPACE_MODES = ("all", "ascii_space")
+"""`all`: drop every whitespace character (str.split); `ascii_space`: drop only U+0020, as Flow-GRPO's
+`.replace(' ', '')` does (flow_grpo@9745241c:flow_grpo/ocr.py:46-47), so tabs/newlines/other spaces still count."""
+
+
+def normalize_text(text: str, case_sensitive: bool = False, whitespace: str = "all") -> str:
+    """Drop whitespace (the fast detector setting can merge or split words) and, by default, lower-case."""
+    if whitespace not in WHITESPACE_MODES:
+        raise ValueError(f"ocr whitespace={whitespace!r} is not one of {list(WHITESPACE_MODES)}")
+    text = "".join(text.split()) if whitespace == "all" else text.replace(" ", "")
     return text if case_sensitive else text.lower()
 
 
 def ocr_score(recognized: str, target: str, case_sensitive: bool = False,
-              substring_match: bool = True) -> Tuple[float, int]:
+              substring_match: bool = True, whitespace: str = "all") -> Tuple[float, int]:
     """(score, distance): `1 - min(d, len(target)) / len(target)` on normalised texts, as Flow-GRPO defines it.
 
     With `substring_match` (Flow-GRPO's released code) a target found anywhere in the recognised text has d = 0,
     so surrounding text the prompt also asks for is not penalised. The clip at len(target) keeps long misreadings
     at 0 rather than negative.
     """
-    recognized, target = normalize_text(recognized, case_sensitive), normalize_text(target, case_sensitive)
+    recognized = normalize_text(recognized, case_sensitive, whitespace)
+    target = normalize_text(target, case_sensitive, whitespace)
     if not target:
         raise ValueError("the OCR target is empty after removing whitespace")
     distance = 0 if substring_match and target in recognized else edit_distance(recognized, target)
@@ -61,14 +69,16 @@ class OcrReward:
 
     Options: `det_limit_side_len` (320) and `det_limit_type` ("max"): the detector's working size (RapidOCR's
     default, 736 "min", upscales small images and measured about 35x slower); `threads` (1 onnxruntime thread);
-    `text_score` (0.5); `case_sensitive` (false); `substring_match` (true, Flow-GRPO's code).
+    `text_score` (0.5); `case_sensitive` (false); `substring_match` (true, Flow-GRPO's code); `whitespace`
+    ("all", or "ascii_space": Flow-GRPO's, see `WHITESPACE_MODES`).
     Logged parts: `ocr.distance` (raw edit distance), `ocr.exact` (1 when the normalised texts match).
     """
 
     name = "ocr"
 
     def __init__(self, det_limit_side_len: int = 320, det_limit_type: str = "max", threads: int = 1,
-                 text_score: float = 0.5, case_sensitive: bool = False, substring_match: bool = True):
+                 text_score: float = 0.5, case_sensitive: bool = False, substring_match: bool = True,
+                 whitespace: str = "all"):
         name = self.name
         threads = option(name, "threads", threads, int, lambda v: v >= 1, "is not at least 1")
         self.engine_options = dict(
@@ -80,6 +90,8 @@ class OcrReward:
             text_score=option(name, "text_score", text_score, float, lambda v: 0 <= v <= 1, "is not in [0, 1]"))
         self.case_sensitive = option(name, "case_sensitive", case_sensitive, bool)
         self.substring_match = option(name, "substring_match", substring_match, bool)
+        self.whitespace = option(name, "whitespace", whitespace, str, lambda v: v in WHITESPACE_MODES,
+                                 f"is not one of {list(WHITESPACE_MODES)}")
         self._engine = None
         self._lock = threading.Lock()
 
@@ -116,10 +128,11 @@ class OcrReward:
         scores, distances, exact = [], [], []
         for array, target in zip(to_uint8_hwc(images), targets):
             recognized = self.read(array)
-            score, distance = ocr_score(recognized, target, self.case_sensitive, self.substring_match)
+            score, distance = ocr_score(recognized, target, self.case_sensitive, self.substring_match,
+                                        self.whitespace)
             scores.append(score)
             distances.append(float(distance))
-            exact.append(float(normalize_text(recognized, self.case_sensitive)
-                               == normalize_text(target, self.case_sensitive)))
+            exact.append(float(normalize_text(recognized, self.case_sensitive, self.whitespace)
+                               == normalize_text(target, self.case_sensitive, self.whitespace)))
         return {self.name: torch.tensor(scores), f"{self.name}.distance": torch.tensor(distances),
                 f"{self.name}.exact": torch.tensor(exact)}

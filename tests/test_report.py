@@ -385,3 +385,21 @@ def test_evaluated_weights_are_stated_and_a_mismatch_is_flagged(tmp_path):
     mixed = report.evaluated_weights([ema[0], run("b", 0, {"ema_decay": 0.0}), run("b", 1, {})])
     assert mixed.startswith("**Evaluated weights differ between arms**")
     assert "(decay 0.9, updated every 8 optimizer step(s)) for a; theta for b." in mixed
+
+
+def test_eval_cfg_and_precision_are_stated_per_arm(tmp_path):
+    def run(arm, seed, cfg, precision="fp16", dtype="float32"):
+        config = {"eval": {"sampler": {"cfg_scale": cfg}}, "train": {"mixed_precision": precision},
+                  "model": {"options": {"dtype": dtype}}}
+        return report.RunResult(arm=arm, seed=seed, path=tmp_path, frame=pd.DataFrame(), config=config)
+
+    # The SD3.5 head-to-head: Flow-GRPO judged at its own CFG 4.5, the others at 1; one precision fixed for all.
+    runs = [run("flow_grpo", 0, 4.5), run("flow_grpo", 1, 4.5), run("nft", 0, 1.0), run("awm", 0, 1.0)]
+    cfg, precision = report.arm_settings(runs)
+    assert cfg == "Evaluation per arm: CFG 4.5 for flow_grpo; CFG 1 for nft, awm."
+    assert precision == "Precision: fp16 autocast, frozen weights float32, for every arm."
+    cfg, precision = report.arm_settings([run("nft", 0, 1.0), run("crd", 0, 1.0, "bf16", "bfloat16"),
+                                          report.RunResult("old", 0, tmp_path, pd.DataFrame(), config={})])
+    assert cfg == "Evaluation per arm: CFG 1 for nft, crd; unrecorded for old."
+    assert precision == ("Precision per arm: fp16 autocast, frozen weights float32 for nft; bf16 autocast, "
+                         "frozen weights bfloat16 for crd; unrecorded for old.")

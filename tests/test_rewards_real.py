@@ -74,6 +74,18 @@ def test_ocr_score_known_answers():
         ocr_score("abc", "   ")
 
 
+def test_ocr_ascii_space_mode_removes_only_u0020_as_flow_grpo():
+    # Flow-GRPO's `.replace(' ', '')`: a tab or newline the reader emits stays and costs an edit.
+    assert ocr_score("OPEN NOW", "open now", whitespace="ascii_space") == (1.0, 0)
+    assert ocr_score("OPEN\tNOW", "open now", substring_match=False, whitespace="ascii_space") == (
+        pytest.approx(1 - 1 / 7), 1)
+    assert ocr_score("OPEN\tNOW", "open now", substring_match=False) == (1.0, 0)  # `all` drops the tab too
+    with pytest.raises(ValueError, match="whitespace='none'"):
+        ocr_score("a", "a", whitespace="none")
+    with pytest.raises(ValueError, match="whitespace"):
+        OcrReward(whitespace="none")
+
+
 def test_ocr_target_source():
     assert OcrReward.target_of('a sign "OPEN" on a door', {}) == "OPEN"
     assert OcrReward.target_of('a sign "OPEN"', {"ocr_target": "CLOSED"}) == "CLOSED"

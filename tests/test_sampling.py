@@ -152,6 +152,31 @@ def test_dpm2_model_time_changes_only_what_the_model_sees():
     assert seen == pytest.approx([math.floor(s * 1000) / 1000 for s in grid[:-1].tolist()], abs=1e-15)
 
 
+@pytest.mark.parametrize("sampler", [dpm2_sample, euler_sample])
+def test_named_floor1000_model_time_feeds_the_truncated_timestep_and_updates_with_true_sigmas(sampler):
+    grid = flow_sigmas(10)
+    seen = []
+
+    def velocity(x, t):
+        seen.append(float(t[0]))
+        return -0.3 * x + 0.5 * t.reshape(-1, 1)
+
+    z = torch.randn(2, 5, dtype=torch.float64)
+    out = sampler(velocity, z, grid, model_time="floor1000")
+    # The SD3 pipeline hands the transformer long(sigma * 1000) (DiffusionNFT pipeline_with_logprob.py:213).
+    assert seen == pytest.approx([math.floor(s * 1000) / 1000 for s in grid[:-1].tolist()], abs=1e-15)
+    # the same as the callable form; `sigma` is the identity (the default)
+    seen.clear()
+    ref = sampler(velocity, z, grid, model_time=lambda s: torch.floor(s * 1000) / 1000)
+    torch.testing.assert_close(out.x0, ref.x0, rtol=0, atol=0)
+    seen.clear()
+    plain = sampler(velocity, z, grid, model_time="sigma")
+    assert seen == pytest.approx(grid[:-1].tolist(), abs=1e-15)
+    torch.testing.assert_close(plain.x0, sampler(velocity, z, grid).x0, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="model_time='floor'"):
+        sampler(velocity, z, grid, model_time="floor")
+
+
 def test_dpm2_first_and_last_steps_are_first_order():
     # Two-step grid: both steps are first order, so the result is Euler to 0.5 then the x0-prediction there.
     grid = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)

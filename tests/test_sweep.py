@@ -128,6 +128,40 @@ def test_a_preset_that_differs_in_a_fairness_key_is_caught_after_resolution(tmp_
         validate_runs(spec, expand(spec))
 
 
+def test_per_arm_keys_keep_each_arms_own_value_and_cannot_also_be_fixed(tmp_path, tiny_model_dir):
+    # Two arms evaluated at their own CFG: the difference is declared, so the agreement check lets it through...
+    arms = {"a": {"config": "toy_nft"}, "b": {"config": "toy_nft", "overrides": {"eval.sampler.cfg_scale": 4.5}}}
+    spec = load_spec(make_spec(tmp_path, tiny_model_dir, arms=arms, per_arm=["eval.sampler.cfg_scale"]))
+    configs = validate_runs(spec, expand(spec))
+    assert sorted(c.eval.sampler.cfg_scale for c in configs.values()) == [1.0, 4.5]
+    # ...while any other eval key still has to agree,
+    arms["b"]["overrides"]["eval.seed"] = 99
+    with pytest.raises(SweepError, match=r"arm 'b' sets 'eval.seed', which breaks fairness"):
+        load_spec(make_spec(tmp_path, tiny_model_dir, arms=arms, per_arm=["eval.sampler.cfg_scale"]))
+    # and a key cannot be both each arm's own and fixed for all.
+    fairness = {"model.path": tiny_model_dir, "eval.sampler.cfg_scale": 1.0}
+    with pytest.raises(SweepError, match=r"per_arm.*'eval.sampler' is also fixed under fairness"):
+        load_spec(make_spec(tmp_path, tiny_model_dir, fairness=fairness, per_arm=["eval.sampler"]))
+
+
+SD35_METHODS = {"nft", "flow_grpo", "awm", "crd", "elbo_pg", "rft"}
+
+
+@pytest.mark.parametrize("task", ["geneval", "ocr", "pickscore"])
+def test_sd35_head2head_sweeps_have_every_method_each_at_its_authors_eval_cfg(task):
+    spec = load_spec(Path(__file__).resolve().parents[1] / "sweeps" / f"sd35m_{task}_head2head.yaml")
+    runs = [r for r in expand(spec) if r.seed == spec.seeds[0]]
+    assert SD35_METHODS <= {r.arm for r in runs}
+    configs = validate_runs(spec, runs)
+    cfg = {r.arm: configs[r.id].eval.sampler.cfg_scale for r in runs}
+    # Flow-GRPO evaluates with its training CFG (train_sd3.py:254); every other original, and Flow-GRPO's no-CFG
+    # recipe, evaluate without CFG (docs/presets.md).
+    assert cfg.pop("flow_grpo") == 4.5
+    assert set(cfg.values()) == {1.0}
+    sampler = {(c.eval.sampler.name, c.eval.sampler.num_steps) for c in configs.values()}
+    assert sampler == {("euler", 40)}
+
+
 def test_unknown_keys_and_bad_values_are_named(tmp_path, tiny_model_dir):
     cases = [({"seedz": [1]}, "seedz"), ({"arms": {"a": {"config": "toy_nft", "overides": {}}}}, "overides"),
              ({"budget": {"steps": 2, "nfe": 10}}, "exactly one"), ({"executor": {"kind": "k8s"}}, "executor.kind"),

@@ -127,7 +127,7 @@ class DiffusersFlowPolicy(SnapshotPolicy):
         super().__init__(core)
         self.finetuning: AdapterSnapshots | ParameterCopies
         if opts.finetune == "lora":
-            config = make_lora_config(opts.lora_rank, opts.lora_alpha, opts.lora_targets)
+            config = make_lora_config(opts.lora_rank, opts.lora_alpha, opts.lora_targets, opts.lora_init)
             self.finetuning = AdapterSnapshots(self, config, trainable)
         else:
             self.finetuning = ParameterCopies(self)

@@ -31,11 +31,18 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj
 """METHODS.md shared defaults: the joint-attention projections of both streams"""
 
 
-def make_lora_config(rank: int, alpha: float, targets: Sequence[str]):
+LORA_INITS = {"default": True, "gaussian": "gaussian"}
+"""`model.options.lora_init` -> peft's `init_lora_weights`. `default`: peft's Kaiming-uniform A; `gaussian`:
+A ~ N(0, 1/r), what Flow-GRPO, DiffusionNFT, AWM, Flow-Factory and the ELBO-PG code pass (docs/presets.md).
+Both zero B, so theta starts exactly at the base model."""
+
+
+def make_lora_config(rank: int, alpha: float, targets: Sequence[str], init: str = "default"):
     from peft import LoraConfig
 
-    # Gaussian A, zero B (peft's default): theta starts exactly at the base model, as in the originals.
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+    if init not in LORA_INITS:
+        raise ValueError(f"option lora_init={init!r} is not one of {sorted(LORA_INITS)}")
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=LORA_INITS[init])
 
 
 class LoraSnapshots:

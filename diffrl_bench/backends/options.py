@@ -8,7 +8,7 @@ from typing import Any, List, Mapping, Optional
 
 import torch
 
-from diffrl_bench.backends.lora import DEFAULT_TARGETS
+from diffrl_bench.backends.lora import DEFAULT_TARGETS, LORA_INITS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """the names the dtype options accept"""
@@ -34,6 +34,10 @@ class BackendOptions:
     lora_targets: List[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     """Names (suffixes) of the transformer's linear modules that get LoRA. Default: METHODS.md's shared list, the
     joint-attention projections of both streams (`lora.DEFAULT_TARGETS`)."""
+    lora_init: str = "default"
+    """Initialisation of the adapters' A (B is always zero, so theta starts at the base): `default` (peft's
+    Kaiming-uniform) or `gaussian` (N(0, 1/r), the originals' `init_lora_weights="gaussian"`). Default `default`:
+    what earlier runs used; the SD3.5 presets set `gaussian` (docs/presets.md)."""
     dtype: str = "auto"
     """Dtype of the weights that do not train (base transformer under LoRA, text encoders, VAE, full-FT `ref`):
     `auto`, `float32`, `bfloat16`, `float16`. Default `auto`: bfloat16 on CUDA (the originals' precision, half the
@@ -78,6 +82,8 @@ class BackendOptions:
             value = getattr(self, key)
             if value not in DTYPES and not (key == "dtype" and value == "auto"):
                 raise ValueError(f"option {key}={value!r} is not one of {['auto', *DTYPES] if key == 'dtype' else list(DTYPES)}")
+        if self.lora_init not in LORA_INITS:
+            raise ValueError(f"option lora_init={self.lora_init!r} is not one of {sorted(LORA_INITS)}")
         if self.lora_rank < 1:
             raise ValueError("option lora_rank must be at least 1")
         for key in ("resolution", "max_sequence_length"):

@@ -31,7 +31,7 @@ from diffrl_bench.report.analysis import Analysis, ablation_tables, analyse, def
 from diffrl_bench.report.cli import add_arguments, main, run
 from diffrl_bench.report.errors import MissingColumnError, NoRunsError, ReportError, UnknownArmError
 from diffrl_bench.report.figures import plot_cost_breakdown, plot_cost_to_threshold, plot_curves
-from diffrl_bench.report.markdown import evaluated_weights, render_markdown
+from diffrl_bench.report.markdown import arm_settings, evaluated_weights, render_markdown
 from diffrl_bench.report.output import write_analysis, write_report
 from diffrl_bench.report.runs import (AXES, COST_UNITS, RunResult, config_value, load_runs, phase_breakdown,
                                       resolve_metrics)
@@ -41,7 +41,7 @@ from diffrl_bench.report.wording import speedup_sentence
 
 __all__ = ["AXES", "COST_UNITS", "Analysis", "CurveBand", "MissingColumnError", "NoRunsError", "ReportError",
            "RunResult", "UnknownArmError", "ablation_tables", "add_arguments", "aggregate_curves", "analyse",
-           "bootstrap_ci", "config_value", "default_baseline", "evaluated_weights", "load_runs", "main",
+           "arm_settings", "bootstrap_ci", "config_value", "default_baseline", "evaluated_weights", "load_runs", "main",
            "phase_breakdown", "plot_cost_breakdown", "plot_cost_to_threshold", "plot_curves", "render_markdown",
            "resolve_metrics", "run", "speedup_ci", "speedup_sentence", "sweep_ablate_keys", "t_interval",
            "threshold_crossing", "write_analysis", "write_report"]

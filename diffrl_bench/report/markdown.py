@@ -77,6 +77,38 @@ def _claims_markdown(claims, figures: Dict[str, str]) -> List[str]:
     return out + [""]
 
 
+def _by_arm(runs: List[RunResult], label: str, setting_of) -> str:
+    """One sentence: `label`'s setting for every arm, or each setting with the arms that used it."""
+    by_setting: Dict[str, List[str]] = {}
+    for run in runs:
+        arms = by_setting.setdefault(setting_of(run.config), [])
+        if run.arm not in arms:
+            arms.append(run.arm)
+    if len(by_setting) == 1:
+        return f"{label}: {next(iter(by_setting))}, for every arm."
+    return f"{label} per arm: " + "; ".join(f"{s} for {', '.join(arms)}" for s, arms in by_setting.items()) + "."
+
+
+def _eval_cfg(config: dict) -> str:
+    value = config_value(config, "eval.sampler.cfg_scale")
+    return "unrecorded" if value is MISSING else f"CFG {value:g}"
+
+
+def _precision(config: dict) -> str:
+    autocast = config_value(config, "train.mixed_precision")
+    weights = config_value(config, "model.options.dtype")
+    if autocast is MISSING:
+        return "unrecorded"
+    return f"{autocast} autocast" + ("" if weights is MISSING else f", frozen weights {weights}")
+
+
+def arm_settings(runs: List[RunResult]) -> List[str]:
+    """Sentences on the settings a head-to-head may deliberately leave to each arm (a sweep's `per_arm:` keys, or
+    fixed under `fairness:`): the evaluation CFG and the precision. Stated either way, so a reader sees whether
+    Flow-GRPO was judged at its own CFG 4.5 and under which precision each arm trained."""
+    return [_by_arm(runs, "Evaluation", _eval_cfg), _by_arm(runs, "Precision", _precision)]
+
+
 def render_markdown(analysis: Analysis, figures: Dict[str, str], claims=None) -> str:
     """The text of report.md: sentences, summary table, figures (relative links) and method notes.
 
@@ -90,6 +122,7 @@ def render_markdown(analysis: Analysis, figures: Dict[str, str], claims=None) ->
                + (f"; held-out metrics {', '.join(f'`{h}`' for h in a.heldout)}" if a.heldout else "") + ".")
     out.append(f"Threshold **{thr}** ({a.threshold_reason}). Baseline **{a.baseline}** ({a.baseline_reason}).")
     out.append(evaluated_weights(a.runs))
+    out += arm_settings(a.runs)
     out.append("")
     out += ["## Head to head", ""] + [f"- {s}" for s in a.sentences] + [""]
     if claims is not None:

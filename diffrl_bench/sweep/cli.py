@@ -53,6 +53,8 @@ def _print_header(spec: Spec) -> None:
         print(f"  common: {' '.join(dotlist(spec.common))}")
     if spec.ablate:
         print(f"  ablated: {', '.join(spec.ablate)}")
+    if spec.per_arm:
+        print(f"  per arm (each arm's own value): {', '.join(spec.per_arm)}")
     e = spec.executor
     details = [f"launcher {e.launcher}"] + ([f"{e.num_processes} processes"] if e.launcher == "accelerate" else [])
     details += [f"parallel {e.parallel}"] if e.parallel else []

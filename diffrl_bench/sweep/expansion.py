@@ -100,7 +100,8 @@ def validate_runs(spec: Spec, runs: Sequence[SweepRun]) -> Dict[str, Any]:
                     f"sweep spec {spec.path}: arms '{first.name}' and '{run.name}' differ in fairness key '{key}' "
                     f"({a.get(key, '<unset>')!r} vs {b.get(key, '<unset>')!r}) once their configs "
                     f"({first.config}, {run.config}) are applied; state it under `fairness:` so every arm gets "
-                    f"the same value (a mapping there merges into the config's), or list it under `ablate:`")
+                    f"the same value (a mapping there merges into the config's), list it under `ablate:`, or under "
+                    f"`per_arm:` if each arm should keep its own (its authors') value")
     for run in runs:
         conflict = identity_conflict(run)
         if conflict:
@@ -116,4 +117,4 @@ def _fairness_view(spec: Spec, cfg) -> Dict[str, Any]:
         for part in key.split("."):
             node = node.get(part, "<unset>") if isinstance(node, dict) else "<unset>"
         view.update(dotted_leaves(node, key))
-    return {k: v for k, v in view.items() if not any(key_under(k, a) for a in spec.ablate)}
+    return {k: v for k, v in view.items() if not any(key_under(k, a) for a in spec.ablate + spec.per_arm)}

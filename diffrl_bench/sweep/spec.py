@@ -25,7 +25,7 @@ RUN_KEYS = ("name", "output_dir", "train.seed", "checkpoint.resume", "log.group"
 DEFAULT_MAX_STEPS = 1_000_000
 
 SPEC_KEYS = ("name", "results_dir", "seeds", "budget", "fairness", "common", "arms", "grid", "ablate", "baseline",
-             "executor", "tune")
+             "executor", "tune", "per_arm")
 ARM_KEYS = ("config", "overrides")
 BUDGET_KEYS = ("steps", "gpu_hours", "nfe", "max_steps")
 EXECUTOR_KEYS = ("kind", "parallel", "launcher", "num_processes", "launcher_args", "parameters", "cluster")
@@ -81,6 +81,9 @@ class Spec:
     """the equal-tuning-budget stage (`tune:`), or None"""
     tune_raw: Optional[Dict[str, Any]] = None
     """the `tune:` mapping as written, for sweep.json (the report rebuilds the stage from it)"""
+    per_arm: List[str] = field(default_factory=list)
+    """fairness keys each arm deliberately takes from its own config (its authors' setting, e.g. the evaluation
+    CFG): exempt from the agreement check, not an ablation axis; the report states their values per arm"""
 
     def fairness_keys(self) -> List[str]:
         return list(FAIRNESS_SECTIONS) + list(FAIRNESS_KEYS) + [k for k in self.fairness if k not in FAIRNESS_KEYS]
@@ -94,7 +97,8 @@ class Spec:
                 "seeds": self.seeds, "budget": self.budget, "fairness": self.fairness, "common": self.common,
                 "arms": {a.name: {"config": a.config, "overrides": a.overrides} for a in self.arms},
                 "grid": self.grid, "ablate": self.ablate, "baseline": self.baseline, "executor": asdict(self.executor),
-                "tune": self.tune_raw}
+                "tune": self.tune_raw,
+                "per_arm": self.per_arm}
 
 
 def budget_overrides(budget: Dict[str, Any]) -> Dict[str, Any]:
@@ -235,6 +239,14 @@ def load_spec(path: str | Path) -> Spec:
     ablate = raw.get("ablate") or []
     if not isinstance(ablate, list) or not all(isinstance(k, str) and k for k in ablate):
         raise spec_error(spec_path, "ablate", f"must be a list of config keys, got {ablate!r}")
+    per_arm = raw.get("per_arm") or []
+    if not isinstance(per_arm, list) or not all(isinstance(k, str) and k for k in per_arm):
+        raise spec_error(spec_path, "per_arm", f"must be a list of config keys, got {per_arm!r}")
+    for key in per_arm:
+        clash = [f for f in fairness if key_under(f, key) or key_under(key, f)]
+        if clash:
+            raise spec_error(spec_path, "per_arm", f"'{key}' is also fixed under fairness ({clash[0]}); an arm "
+                                                   "either keeps its own value or every arm shares one")
 
     executor_raw = _mapping(spec_path, "executor", raw.get("executor"))
     _check_keys(spec_path, "executor", executor_raw, EXECUTOR_KEYS)
@@ -284,7 +296,7 @@ def load_spec(path: str | Path) -> Spec:
             raise SweepError(f"sweep spec {spec_path}: {error}") from None
 
     spec = Spec(spec_path, name, results_dir, seeds, budget, fairness, common, arms, grid, ablate, baseline, executor,
-                tune, tune_raw)
+                tune, tune_raw, per_arm)
     _check_fairness_rules(spec)
     return spec
 
@@ -298,7 +310,7 @@ def _check_fairness_rules(spec: Spec) -> None:
         return any(key_under(leaf, k) or key_under(k, leaf) for k in fair)
 
     def ablated(leaf: str) -> bool:
-        return any(key_under(leaf, a) for a in spec.ablate)
+        return any(key_under(leaf, a) for a in spec.ablate + spec.per_arm)
 
     blocks = [("fairness", spec.fairness), ("common", spec.common), ("grid", {k: None for k in spec.grid})]
     blocks += [(f"arms.{a.name}.overrides", a.overrides) for a in spec.arms]
