@@ -26,6 +26,7 @@ from diffrl_bench.evaluate import EVAL_EMA, build_eval_rewards, eval_snapshot, e
 from diffrl_bench.ledger import CostLedger
 from diffrl_bench.models import THETA, build_policy, calls_per_velocity, index_condition
 from diffrl_bench.plots import plot_reward_vs_cost, save_image_grid
+from diffrl_bench.precision import apply_tf32
 from diffrl_bench.prompts import load_prompts
 from diffrl_bench.registry import ALGORITHMS, SAMPLERS
 from diffrl_bench.reward_harness import WeightedReward
@@ -75,6 +76,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.accelerator, self.deepspeed = make_accelerator(cfg.train)
         device = self.accelerator.device
+        apply_tf32(cfg.train.allow_tf32, device)
         self.processes = Processes(self.accelerator)
         self.world, self.rank = self.processes.world, self.processes.rank
         images = cfg.rollout.prompts_per_step * cfg.rollout.images_per_prompt
@@ -197,18 +199,21 @@ class Trainer:
             sampler_kwargs["record_before"] = request.record_before
         # Samplers that work per prompt group (e.g. a shared ODE prefix) name `groups` in their signature.
         offer_groups = accepts_argument(self.sampler, "groups")
-        x0s, transitions, futures = [], [], []
+        x0s, transitions, trajectories, futures = [], [], [], []
         with torch.no_grad():
             cond = self.policy.encode_prompts(texts)
             chunks = sample_chunks(self.policy, lambda rows: index_condition(cond, rows), noise, self.sampler,
                                    self.sigmas, sampler_kwargs, snapshot=request.snapshot, cfg_scale=cfg_scale,
                                    chunk_size=r.chunk_size, groups=group_ids if offer_groups else None,
-                                   phase=lambda: self.ledger.phase("rollout"))
+                                   phase=lambda: self.ledger.phase("rollout"),
+                                   keep_trajectory=request.keep_trajectory)
             for chunk, rollout, images in chunks:
                 # Every process samples an equal share: the ledger counts them all.
                 self.ledger.add_nfe("rollout", rollout.sample_nfe() * calls_per_velocity(cfg_scale) * self.world)
                 if request.keep_x0:
                     x0s.append(rollout.x0)
+                if request.keep_trajectory:
+                    trajectories.append(rollout.trajectory)
                 if request.record_before is not None:
                     if rollout.transitions is None:
                         raise RuntimeError(f"sampler {r.sampler.name!r} returned no transitions although the "
@@ -227,7 +232,8 @@ class Trainer:
                             group_ids=group_ids, rewards=rewards, advantages=advantages, reward_components=scores,
                             step_scores=step_scores, step_group_ids=group_ids_all, step_offset=lo,
                             sigmas=self.sigmas, sampler_options=dict(self.sampler_options),
-                            transitions=Transitions.cat(transitions) if transitions else None, cfg_scale=cfg_scale)
+                            transitions=Transitions.cat(transitions) if transitions else None, cfg_scale=cfg_scale,
+                            trajectory=torch.cat(trajectories, dim=1) if trajectories else None)
 
     # ------------------------------------------------------------------------------------------------- train
     def accumulate_gradients(self, batch: RolloutBatch, indices: torch.Tensor) -> Dict[str, float]:
