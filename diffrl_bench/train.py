@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +23,7 @@ from diffrl_bench.checkpoint import latest_checkpoint, load_checkpoint, save_che
 from diffrl_bench.config import accepts_argument, algo_config, resolve_sampler_options, save_config
 from diffrl_bench.distributed import Processes, make_accelerator, make_generators
 from diffrl_bench.evaluate import EVAL_EMA, build_eval_rewards, eval_snapshot, evaluate
+from diffrl_bench.headline import frame_has, headline_column, metric_column
 from diffrl_bench.ledger import CostLedger
 from diffrl_bench.models import THETA, build_policy, calls_per_velocity, index_condition
 from diffrl_bench.plots import plot_reward_vs_cost, save_image_grid
@@ -357,13 +358,13 @@ class Trainer:
                             per_prompt=shown, title=f"{self.cfg.name}: {tag} (step {self.step})")
         row = {"step": self.step, **metrics, **self.ledger.columns()}
         self.metrics.append(row)
-        headline = self.headline_key()
+        headline = self.headline_key(lambda column: column in metrics)
         log.info("eval at step %d: %s = %.4f", self.step, headline, metrics.get(headline, float("nan")))
         return row
 
-    def headline_key(self) -> str:
-        first = self.cfg.eval.rewards[0] if self.cfg.eval.rewards else "reward"
-        return f"eval/{first}.strict.task_mean"
+    def headline_key(self, has: Callable[[str], bool]) -> str:
+        """The headline column among those `has` accepts (diffrl_bench/headline.py: the report's rule too)."""
+        return headline_column(list(self.cfg.eval.rewards), has)
 
     def save(self) -> None:
         generators = self.processes.generators_by_rank(self.generators)  # a collective: every process takes part
@@ -434,8 +435,10 @@ class Trainer:
             self.save()
         if self.accelerator.is_main_process:
             frame = self.metrics.write_csv()
-            plot_reward_vs_cost(frame, self.out / "reward_vs_cost.png", self.headline_key(),
-                                heldout=[f"eval/{r}" for r in cfg.eval.rewards[1:]],
+            has = frame_has(frame)
+            heldout = [metric_column(r, has) for r in cfg.eval.rewards[1:]]
+            plot_reward_vs_cost(frame, self.out / "reward_vs_cost.png", self.headline_key(has),
+                                heldout=[column for column in heldout if column is not None],
                                 title=f"{cfg.name} ({cfg.algorithm})")
         self.accelerator.wait_for_everyone()
         log.info("done: results in %s", self.out)
