@@ -10,8 +10,10 @@ forward (need the final sample x0 only; the harness noises it to `x_t = (1 - t) 
     elbo_adaptive  -L(v), L the self-normalised x0 loss of DiffusionNFT/ELBO code (the ELBO paper's default)
     elbo_t2        -t^2 mean_CHW (v - v*)^2
     elbo_uniform   -mean_CHW (v - v*)^2
-    elbo_exact     -((1 - t) / t) mean_CHW (v - v*)^2
+    elbo_exact     -((1 - t) / (t + 1e-3)) mean_CHW (v - v*)^2
     fm_ghuber, fm_uniform, fm_t, fm_t2   AWM's flow-matching surrogates (`awm_log_likelihood`)
+    Under CFG the original divides elbo_adaptive by the training guidance G and elbo_uniform by G^2 (their errors
+    grow like G and G^2), for theta and old alike: `guidance_power` on each estimator, applied by `guidance_divisor`.
 trajectory (needs a stochastic sampler's stored transitions x -> x'):
     `fn(x, v, sigma, sigma_next, sigma_first_next, x_next, **step_options) -> (B,) float64`, `step_options` the
     rollout SDE's step settings (noise_level, sde_type) as the transition item carries them (`item.options`)
@@ -36,16 +38,34 @@ ESTIMATORS: Registry = Registry("likelihood estimator")
 ESTIMATOR_KINDS = ("forward", "trajectory")
 
 
-def estimator(name: str, *, kind: str) -> Callable:
-    """Register a likelihood estimator under `name`; `kind` says what the rollout must keep (x0 or transitions)."""
+def estimator(name: str, *, kind: str, guidance_power: int = 0) -> Callable:
+    """Register a likelihood estimator under `name`; `kind` says what the rollout must keep (x0 or transitions).
+
+    `guidance_power` p: when theta is trained under CFG scale G, the estimate is divided by G^p (`guidance_divisor`)
+    so that its magnitude, and the log-ratio E_theta - E_old, do not grow with G (1 for elbo_adaptive, 2 for
+    elbo_uniform, 0 for the rest, as in the original's `compute_elbo`)."""
     if kind not in ESTIMATOR_KINDS:
         raise ValueError(f"estimator kind {kind!r} is not one of {ESTIMATOR_KINDS}")
+    if guidance_power not in (0, 1, 2):
+        raise ValueError(f"estimator {name!r}: guidance_power must be 0, 1 or 2, got {guidance_power!r}")
 
     def decorator(fn: Callable) -> Callable:
         fn.kind = kind
+        fn.guidance_power = guidance_power
         return ESTIMATORS.register(name)(fn)
 
     return decorator
+
+
+def guidance_divisor(estimate: Callable, guidance_scale: float) -> float:
+    """`G ** estimate.guidance_power`: what an estimate made under training guidance G is divided by (1 at G = 1).
+
+    The original uses the *training* G for theta and old alike, even though old's velocity was made with the
+    sampling guidance [jaemoo-choi/rethinking-diffusion-rl@c2570002:src/utils/base.py:553-576;
+    src/utils/__init__.py:36 (adaptive / G), :46 (uniform / G^2)]."""
+    if not guidance_scale > 0:
+        raise ValueError(f"guidance_scale must be positive, got {guidance_scale}")
+    return float(guidance_scale) ** getattr(estimate, "guidance_power", 0)
 
 
 def matching_error(v: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -58,7 +78,7 @@ def _t(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64).reshape(-1)
 
 
-@estimator("elbo_adaptive", kind="forward")
+@estimator("elbo_adaptive", kind="forward", guidance_power=1)
 def elbo_adaptive(v, x_t, x0, eps, t):
     """`-mean_CHW (x0_hat - x0)^2 / sg(max(mean_CHW |x0_hat - x0|, 1e-5))`, `x0_hat = x_t - t v`."""
     return -adaptive_x0_loss(x_t - per_sample(t.to(x_t.dtype), x_t) * v, x0).double()
@@ -70,18 +90,23 @@ def elbo_t2(v, x_t, x0, eps, t):
     return -_t(t).square() * matching_error(v, x0, eps)
 
 
-@estimator("elbo_uniform", kind="forward")
+@estimator("elbo_uniform", kind="forward", guidance_power=2)
 def elbo_uniform(v, x_t, x0, eps, t):
     """`-mean_CHW (v - v*)^2` (plain flow matching)."""
     return -matching_error(v, x0, eps)
 
 
+EXACT_T_OFFSET = 1e-3
+"""The original's `exact` weight is `(1 - t) / (t + 1e-3)` [jaemoo-choi/rethinking-diffusion-rl@c2570002:
+src/utils/__init__.py:49], which keeps it finite (at most 1000) for any t in [0, 1]."""
+
+
 @estimator("elbo_exact", kind="forward")
 def elbo_exact(v, x_t, x0, eps, t):
-    """`-((1 - t) / t) mean_CHW (v - v*)^2`: the weight that makes the time average the ELBO of a rectified flow.
-    It is 0 at t = 1 and grows without bound as t -> 0; times come from the rollout grid or `t_min` keeps it finite."""
+    """`-((1 - t) / (t + 1e-3)) mean_CHW (v - v*)^2`: the weight that makes the time average the ELBO of a rectified
+    flow, `(1 - t) / t`, with the original's offset in the denominator. It is 0 at t = 1 and 499.5 at t = 0.001."""
     tt = _t(t)
-    return -((1 - tt) / tt) * matching_error(v, x0, eps)
+    return -((1 - tt) / (tt + EXACT_T_OFFSET)) * matching_error(v, x0, eps)
 
 
 def _fm(weighting: str) -> Callable:

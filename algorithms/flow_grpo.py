@@ -108,6 +108,10 @@ class FlowGRPOConfig:
     0 drops the reference snapshot)"""
     timestep_fraction: float = 0.99
     """train on the first int(N * fraction) sampler steps (without an SDE window); with a window, on the window"""
+    keep_zero_advantage: bool = False
+    """false (the original): samples whose advantage is exactly 0, i.e. every sample of a prompt group whose rewards
+    are all equal, are not trained [yifan123/flow_grpo@ac4c86e8:scripts/train_sd3.py:796-817]; true trains them
+    too (their loss is then the KL term only)"""
 
     def validate(self) -> None:
         require(self.clip_range > 0, "clip_range", f"must be positive, got {self.clip_range}")
@@ -142,10 +146,14 @@ class FlowGRPO:
 
     def training_items(self, batch: RolloutBatch, indices, micro_batch_size: int, generator) -> List[TrainingItem]:
         """Every recorded transition of the step's samples (`transition_items`: the rollout's layout is kept)."""
-        return transition_items(batch, indices, micro_batch_size, self._needs, batch.advantages, "flow_grpo")
+        return transition_items(batch, indices, micro_batch_size, self._needs, batch.advantages, "flow_grpo",
+                                drop_zero_advantage=not self.config.keep_zero_advantage)
 
     def loss(self, item: TrainingItem, velocities: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         c, d = self.config, item.data
+        if item.placeholder:  # every sample of this step had advantage 0 (keep_zero_advantage false)
+            loss = 0.0 * velocities["theta"].sum()
+            return loss, {"loss": loss.detach()}
         step = sde_step_logprob(item.x, velocities["theta"], item.sigma, d["sigma_next"], d["sigma_first_next"][0],
                                 prev_sample=d["x_next"], **item.options)
         ref_mean = None

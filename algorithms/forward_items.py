@@ -4,6 +4,9 @@ Each selected sample is noised at T training times with fresh noise per (sample,
 The (time, sample) pairs are flattened time-major and cut into micro-batches of `micro_batch_size` pairs, so one
 forward can cover several training times. The caller draws the times (its own distribution) before this draws the
 noise, for the whole optimizer step at once: the gradient then does not depend on the micro-batch size.
+
+Instead of fresh noise, x_t can be the rollout's own latent at that time (the ELBO-PG original's `XT_FROM_LATENTS`);
+the noise is then the one that puts that latent on the straight path from x0 (`noise_from_latent`).
 """
 from __future__ import annotations
 
@@ -14,11 +17,25 @@ import torch
 from diffrl_bench.algorithm import TrainingItem
 from diffrl_bench.flow import forward_noise
 
+LATENT_T_FLOOR = 1e-6
+"""The original divides by `max(t, 1e-6)` when it back-solves the noise of a stored latent."""
+
+
+def noise_from_latent(x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`(x_t - (1 - t) x0) / max(t, 1e-6)`: the noise for which `x_t = (1 - t) x0 + t noise` (t per sample, (B,)).
+
+    With an ODE rollout x_t is the sampler's latent at t, which lies off the straight path to the final x0 in
+    general; the back-solved noise makes the flow-matching target `noise - x0 = (x_t - x0) / t` point from x0 to it
+    [jaemoo-choi/rethinking-diffusion-rl@c2570002:src/utils/base.py:533-539]."""
+    tb = t.to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+    return (x_t - (1 - tb) * x0) / tb.clamp(min=LATENT_T_FLOOR)
+
 
 def forward_process_items(x0: torch.Tensor, index: torch.Tensor, times: torch.Tensor, generator: torch.Generator,
                           micro_batch_size: int, snapshots: Sequence[str],
                           per_sample: Optional[Dict[str, torch.Tensor]] = None,
-                          snapshot_cfg: Optional[Dict[str, float]] = None) -> List[TrainingItem]:
+                          snapshot_cfg: Optional[Dict[str, float]] = None,
+                          latents: Optional[torch.Tensor] = None) -> List[TrainingItem]:
     """Items over (time, sample) pairs; `data` holds x0, eps, t and each `per_sample` tensor's rows.
 
     Args:
@@ -26,10 +43,18 @@ def forward_process_items(x0: torch.Tensor, index: torch.Tensor, times: torch.Te
         times: (T, B) training times on the 0-1 scale, as `sample_train_times` returns them.
         generator: draws the (T, B, ...) noise, after the caller drew the times.
         per_sample: tensors of shape (B,) (advantages, rewards, ...) carried to each pair.
+        latents: (T, B, ...) the rollout's latents at `times`; when given, x_t is that latent and `eps` the noise
+            `noise_from_latent` back-solves (the generator still draws noise, so the random stream is the same).
     """
     times = times.to(x0.dtype)
     T, B = times.shape
     eps = torch.randn((T, *x0.shape), generator=generator).to(x0)
+    if latents is not None:
+        if latents.shape != eps.shape:
+            raise ValueError(f"latents of shape {tuple(latents.shape)} do not match (times, samples, ...) = "
+                             f"{tuple(eps.shape)}")
+        latents = latents.to(x0)
+        eps = torch.stack([noise_from_latent(latents[k], x0, times[k]) for k in range(T)])
     pair_sample = torch.arange(B).repeat(T)  # time-major: pairs 0..B-1 are time 0, and so on
     flat_t, flat_eps = times.reshape(-1), eps.reshape(T * B, *x0.shape[1:])
     items = []
@@ -39,6 +64,7 @@ def forward_process_items(x0: torch.Tensor, index: torch.Tensor, times: torch.Te
         t, noise, clean = flat_t[pairs], flat_eps[pairs], x0[rows]
         data = {"x0": clean, "eps": noise, "t": t}
         data.update({key: value[rows] for key, value in (per_sample or {}).items()})
-        items.append(TrainingItem(index=index[rows], x=forward_noise(clean, noise, t), sigma=t,
+        x_t = forward_noise(clean, noise, t) if latents is None else latents.reshape(T * B, *x0.shape[1:])[pairs]
+        items.append(TrainingItem(index=index[rows], x=x_t, sigma=t,
                                   snapshots=tuple(snapshots), snapshot_cfg=dict(snapshot_cfg or {}), data=data))
     return items

@@ -11,7 +11,8 @@ importance weight `rho = exp(lr)` (1 when `use_ratio` is false):
     epg    -rho A e_theta                                    REINFORCE on the likelihood estimate
     pepg   -rho (A - lr) e_theta                             EPG with the log-ratio as a proximal penalty (the paper's best)
     par    0.5 rho (A - (e_theta - e_old))^2                 regression of the log-ratio onto the advantage
-    grpo   mean max(-A r, -A clip(r, 1 - eps, 1 + eps)),  r = exp(e_theta - e_old)   (PPO/GRPO-clip; needs the ratio)
+    grpo   mean max(-A' r, -A' clip(r, 1 - eps, 1 + eps)),  r = exp(e_theta - e_old),  A' = clip(A, +-adv_clip_max)
+           (PPO/GRPO-clip; needs the ratio; the only objective that clips the advantages, as in the original)
 
 Identities (tests/test_estimators_objectives.py): at old == theta, lr = 0 exactly, rho = 1, and pepg == epg; par and
 pepg have equal gradients everywhere (d/de 0.5 rho (A - e + e_old)^2 = -rho (A - lr)); grpo's gradient at r = 1 is
@@ -21,6 +22,9 @@ A new objective is one decorated function in a new module (see docs/new_objectiv
 
     @objective("my_objective")
     def my_objective(e_theta, e_old, advantages, *, use_ratio, clip_range): ...
+
+An objective registered with `clips_advantages=True` also receives `adv_clip_max=` and clips the advantages itself;
+the others get them unclipped.
 """
 from __future__ import annotations
 
@@ -32,44 +36,66 @@ from diffrl_bench.algorithms.flow_grpo import grpo_loss
 from diffrl_bench.registry import Registry
 
 OBJECTIVES: Registry = Registry("policy objective")
-ADVANTAGE_KINDS = ("centered", "standard")
+ADVANTAGE_KINDS = ("centered", "standard", "coupled")
 
 Metrics = Dict[str, torch.Tensor]
 
 
-def objective(name: str, *, default_advantage: str = "centered_0.1", requires_ratio: bool = False) -> Callable:
+def objective(name: str, *, default_advantage: str = "centered_0.1", requires_ratio: bool = False,
+              clips_advantages: bool = False) -> Callable:
     """Register a policy objective under `name`.
 
     Args:
         default_advantage: what `algo.advantage: auto` means for it: `centered_<scale>` (`scale (R - group mean)`,
             no std, no clip; the ELBO paper's choice for EPG/PEPG/PAR) or `standard` (the run's group advantages,
-            std-normalised and clipped to +-adv_clip_max; what PPO-style objectives expect).
+            std-normalised; what PPO-style objectives expect).
         requires_ratio: the objective is meaningless without the importance ratio; configs with
             `use_ratio: false` are then rejected at load time.
+        clips_advantages: the objective clips the advantages itself and takes `adv_clip_max=` (grpo); the plugin
+            passes the advantages unclipped to every objective, as the original does.
     """
     parse_advantage(default_advantage)
 
     def decorator(fn: Callable) -> Callable:
         fn.default_advantage = default_advantage
         fn.requires_ratio = requires_ratio
+        fn.clips_advantages = clips_advantages
         return OBJECTIVES.register(name)(fn)
 
     return decorator
 
 
 def parse_advantage(spec: str) -> Tuple[str, float]:
-    """`centered_0.1` -> ("centered", 0.1); `standard` -> ("standard", 1.0)."""
+    """`centered_0.1` -> ("centered", 0.1); `standard` -> ("standard", 1.0); `standard_4` -> ("standard", 4.0);
+    `coupled_0.001` -> ("coupled", 0.001), whose number is the original's ALPHA, not a scale (`advantage_scale`)."""
     if spec == "standard":
         return "standard", 1.0
     head, _, scale = spec.partition("_")
-    if head == "centered" and scale:
+    if head in ADVANTAGE_KINDS and scale:
         try:
             value = float(scale)
         except ValueError:
             value = float("nan")
         if value > 0:
-            return "centered", value
-    raise ValueError(f"advantage {spec!r} is not `auto`, `standard` or `centered_<scale>` (e.g. centered_0.1)")
+            return head, value
+    raise ValueError(f"advantage {spec!r} is not `auto`, `standard[_<scale>]`, `centered_<scale>` (e.g. "
+                     f"centered_0.1) or `coupled_<alpha>` (e.g. coupled_0.001)")
+
+
+def advantage_scale(kind: str, value: float, kl_beta: float) -> float:
+    """The factor on `R - group mean` (centered, coupled) or on the std-normalised advantage (standard).
+
+    `coupled` is the original's `ADV=exact`: `A = BETA (R - mean) / ALPHA`, where BETA is also the KL weight
+    [jaemoo-choi/rethinking-diffusion-rl@c2570002:src/utils/__init__.py:167-172], so scaling the KL rescales the
+    advantage too. `centered_<s>` is the same advantage with the scale set on its own (ours, the default)."""
+    if kind == "coupled":
+        if not kl_beta > 0:
+            raise ValueError("advantage coupled_<alpha> is kl_beta / alpha (R - group mean) and needs kl_beta > 0; "
+                             "with kl_beta = 0 the original falls back to a fixed scale: use centered_<scale>")
+        return kl_beta / value
+    if kind not in ADVANTAGE_KINDS:
+        raise ValueError(f"advantage kind {kind!r} is not one of {ADVANTAGE_KINDS}")
+    return value
 
 
 def importance_weight(e_theta: torch.Tensor, e_old: torch.Tensor, use_ratio: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -112,13 +138,14 @@ def par(e_theta, e_old, advantages, *, use_ratio=True, clip_range=1e-3):
     return loss, _ratio_metrics(lr, rho)
 
 
-@objective("grpo", default_advantage="standard", requires_ratio=True)
-def grpo(e_theta, e_old, advantages, *, use_ratio=True, clip_range=1e-3):
-    """PPO-clip on `r = exp(e_theta - e_old)` (Flow-GRPO's `grpo_loss`; the advantages arrive already clipped).
-    Without the ratio there is nothing to clip and this is epg, hence `requires_ratio`."""
+@objective("grpo", default_advantage="standard", requires_ratio=True, clips_advantages=True)
+def grpo(e_theta, e_old, advantages, *, use_ratio=True, clip_range=1e-3, adv_clip_max=5.0):
+    """PPO-clip on `r = exp(e_theta - e_old)` with `A' = clip(A, +-adv_clip_max)` (Flow-GRPO's `grpo_loss`; the
+    original clips here and only here, +-5 and ratio clip 1e-3 [jaemoo-choi/rethinking-diffusion-rl@c2570002:
+    src/utils/base.py:309-315]). Without the ratio there is nothing to clip and this is epg, hence `requires_ratio`."""
     if not use_ratio:
         raise ValueError("grpo needs the importance ratio (use objective epg for the ratio-free form)")
     lr = e_theta.detach() - e_old.detach()
-    loss, metrics = grpo_loss(e_theta, e_old, advantages, clip_range=clip_range, adv_clip_max=float("inf"))
+    loss, metrics = grpo_loss(e_theta, e_old, advantages, clip_range=clip_range, adv_clip_max=adv_clip_max)
     metrics = {k: v for k, v in metrics.items() if k not in ("loss", "policy_loss")}
     return loss, {**_ratio_metrics(lr, torch.exp(lr)), **metrics}

@@ -19,12 +19,16 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from diffrl_bench.advantages import group_advantages
+from diffrl_bench.advantages import group_advantages, group_mean_centered
 from diffrl_bench.algorithms.awm import awm_loss
 from diffrl_bench.algorithms.crd import crd_loss
+from diffrl_bench.algorithms.estimators import ESTIMATORS, guidance_divisor
 from diffrl_bench.algorithms.flow_grpo import grpo_loss
+from diffrl_bench.algorithms.forward_items import noise_from_latent
 from diffrl_bench.algorithms.nft import nft_loss
-from diffrl_bench.flow import forward_noise
+from diffrl_bench.algorithms.objectives import OBJECTIVES, advantage_scale
+from diffrl_bench.algorithms.policy_gradient import elbo_pg_loss, forward_estimates, original_loss_terms
+from diffrl_bench.flow import forward_noise, mean_chw
 from diffrl_bench.parity import (WITHIN_GROUP_PREFIX, case_leaf, case_long, case_tensor, grad_of,
                                  register_parity_kind, to_numpy)
 from diffrl_bench.sampling import StateRecorder, dpm2_sample
@@ -187,3 +191,93 @@ def _run_crd_loss(case: dict) -> Dict[str, np.ndarray]:
         ours.update({WITHIN_GROUP_PREFIX + name: value for name, value in grouped.items()
                      if name in case["outputs_within_group"]})
     return to_numpy(ours)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ELBO-PG: the estimators with their guidance divisor, and the whole loss (sections 9-10 of the parity README).
+# Only the CFG combination `u + G (c - u)` of a stored (uncond, text) pair is written here: in a run the backend
+# does it before the loss sees the velocity.
+
+ELBO_WEIGHTINGS = {"adaptive": "elbo_adaptive", "t": "elbo_t2", "uniform": "elbo_uniform", "exact": "elbo_exact"}
+"""The original's `config.train.elbo` -> our estimator name."""
+
+
+def _elbo_estimator(weighting: str):
+    if weighting not in ELBO_WEIGHTINGS:
+        raise ValueError(f"unknown ELBO weighting {weighting!r}; expected one of {sorted(ELBO_WEIGHTINGS)}")
+    return ESTIMATORS.get(ELBO_WEIGHTINGS[weighting])
+
+
+def _elbo_xt_and_noise(case: dict, from_latents: bool):
+    x0, t = case_tensor(case, "x0"), case_tensor(case, "t")
+    if from_latents:
+        x_t = case_tensor(case, "latents")
+        return x0, t, x_t, noise_from_latent(x_t, x0, t)
+    eps = case_tensor(case, "eps")
+    return x0, t, forward_noise(x0, eps, t), eps
+
+
+@register_parity_kind("elbo_estimate")
+def _run_elbo_estimate(case: dict) -> Dict[str, np.ndarray]:
+    params = case["params"]
+    if params["xt_source"] not in ("forward_noise", "latents"):
+        raise ValueError(f"unknown xt_source {params['xt_source']!r}")
+    estimate = _elbo_estimator(params["weighting"])
+    x0, t, x_t, noise = _elbo_xt_and_noise(case, params["xt_source"] == "latents")
+    v = case_leaf(case, "v")
+    elbo = estimate(v, x_t, x0, noise, t) / guidance_divisor(estimate, float(params["guidance_scale"]))
+    return to_numpy({"x_t": x_t, "noise": noise, "elbo": elbo, "grad_v": grad_of(elbo.sum(), v)})
+
+
+def _elbo_velocity(case: dict, name: str, guidance_scale: float) -> torch.Tensor:
+    """The stored velocity, or the CFG combination of its stored halves when the adapter ran with guidance."""
+    if f"{name}_uncond" in case["inputs"]:
+        uncond, text = case_tensor(case, f"{name}_uncond"), case_tensor(case, f"{name}_text")
+        return uncond + guidance_scale * (text - uncond)
+    return case_tensor(case, name)
+
+
+def _elbo_advantages(case: dict) -> torch.Tensor:
+    """The original tracker's advantages for `adv` exact (coupled, or a fixed scale when beta = 0) or standard."""
+    p = case["params"]
+    rewards, group_ids = case_tensor(case, "rewards"), case_long(case, "group_ids")
+    if p["adv"] == "exact":
+        beta = float(p["beta"])
+        if beta != 0:
+            return group_mean_centered(rewards, group_ids, advantage_scale("coupled", float(p["alpha"]), beta))
+        return group_mean_centered(rewards, group_ids, advantage_scale("centered", float(p["scale"]), beta))
+    if p["adv"] == "standard":
+        std = "global" if p["global_std"] else "group"
+        return advantage_scale("standard", float(p["scale"]), 0.0) * group_advantages(rewards, group_ids, std=std)
+    raise ValueError(f"unknown adv {p['adv']!r}")
+
+
+@register_parity_kind("elbo_pg_loss")
+def _run_elbo_pg_loss(case: dict) -> Dict[str, np.ndarray]:
+    p = case["params"]
+    if p.get("kl_method", "girsanov") != "girsanov":
+        raise ValueError(f"kl_method {p['kl_method']!r} is not supported (only girsanov)")
+    g_train, g_sample, g_ref = (float(p[k]) for k in ("train_guidance_scale", "sample_guidance_scale",
+                                                      "ref_guidance_scale"))
+    estimate, objective = _elbo_estimator(p["elbo"]), OBJECTIVES.get(p["objective"])
+    advantages = _elbo_advantages(case)
+    x0, t, x_t, noise = _elbo_xt_and_noise(case, bool(p["xt_from_latents"]))
+    v_theta = _elbo_velocity(case, "v_theta", g_train).requires_grad_(True)
+    v_old, v_ref = _elbo_velocity(case, "v_old", g_sample), _elbo_velocity(case, "v_ref", g_ref)
+    e_theta, e_old = forward_estimates(estimate, v_theta, v_old, x_t, x0, noise, t, g_train)
+    beta = float(p["beta"])
+    loss, metrics = elbo_pg_loss(objective, e_theta, e_old, advantages, v_theta, v_ref,
+                                 use_ratio=bool(p["use_ratio"]), clip_range=float(p["grpo_clip_range"]),
+                                 adv_clip_max=float(p["grpo_adv_clip"]), kl_beta=beta)
+    grad_v, grad_e = torch.autograd.grad(loss, (v_theta, e_theta))
+    kl_per_sample = mean_chw((v_theta - v_ref).square())
+    terms = original_loss_terms(e_theta, e_old, advantages, metrics["policy_loss"], loss, kl_beta=beta,
+                                theta_cfg_scale=g_train, x0=x0, v_theta=v_theta, v_old=v_old, v_ref=v_ref)
+    out = {"advantages": advantages, "x_t": x_t, "noise": noise, "forward_elbo": e_theta, "old_elbo": e_old,
+           "kl_div_per_sample": kl_per_sample, "kl_div_loss": kl_per_sample.mean(),
+           "policy_loss": metrics["policy_loss"], "loss": loss, "grad_v_theta": grad_v, "grad_forward_elbo": grad_e,
+           **terms}
+    for name, velocity, g in (("v_theta", v_theta, g_train), ("v_old", v_old, g_sample), ("v_ref", v_ref, g_ref)):
+        if f"{name}_uncond" in case["inputs"]:
+            out[name] = velocity
+    return to_numpy(out)

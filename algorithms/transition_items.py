@@ -39,10 +39,25 @@ def check_trained_transitions(timestep_fraction: float, run: Any) -> None:
                                                f"sampler steps would be trained")
 
 
+def informative_rows(indices: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """The rows of `indices` whose advantage is not exactly 0, in order.
+
+    Flow-GRPO trains only those: a prompt group whose rewards are all equal has advantage 0 everywhere and would add
+    nothing but its KL term [yifan123/flow_grpo@ac4c86e8:scripts/train_sd3.py:796-817]. (The original then turns
+    back on as many dropped samples, at random, as make the kept count divisible by its number of training batches,
+    so its batches have equal sizes; here each optimizer step trains its own share, which needs no padding.)"""
+    return indices[advantages[indices] != 0]
+
+
 def transition_items(batch: RolloutBatch, indices: torch.Tensor, micro_batch_size: int, snapshots: Sequence[str],
                      advantages: torch.Tensor, method: str,
-                     snapshot_cfg: Optional[Dict[str, float]] = None) -> List[TrainingItem]:
+                     snapshot_cfg: Optional[Dict[str, float]] = None,
+                     drop_zero_advantage: bool = False) -> List[TrainingItem]:
     """One item per (micro-batch of samples, recorded step), samples outer and steps inner as in Flow-GRPO.
+
+    With `drop_zero_advantage` the samples whose advantage is exactly 0 are not trained (`informative_rows`); when
+    none is left, one placeholder item (the first sample's first transition, `placeholder=True`) is returned, so
+    every process still runs the step's passes, and the loss must give it a zero gradient.
 
     With `train.shuffle: false` and `train.micro_batch_size == rollout.chunk_size` the items have exactly the
     rollout's batch layout, so the recomputed log-probs equal the behaviour ones bit for bit before the first
@@ -56,6 +71,15 @@ def transition_items(batch: RolloutBatch, indices: torch.Tensor, micro_batch_siz
         raise ValueError(f"{method} needs the rollout's transitions (rollout.sampler.name: flow_grpo_sde)")
     step_options = sde_step_options(batch.sampler_options)
     sigmas = batch.sigmas
+    if drop_zero_advantage:
+        kept = informative_rows(indices, advantages)
+        if len(kept) == 0:
+            first = indices[:1]
+            x = tr.latents[0, first]
+            return [TrainingItem(index=first, x=x, sigma=sigmas[tr.steps[0, first]].to(time_dtype(x)),
+                                 snapshots=tuple(snapshots), cfg_scale=batch.cfg_scale,
+                                 snapshot_cfg=dict(snapshot_cfg or {}), options=dict(step_options), placeholder=True)]
+        indices = kept
     items = []
     for start in range(0, len(indices), micro_batch_size):
         rows = indices[start:start + micro_batch_size]

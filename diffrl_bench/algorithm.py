@@ -42,6 +42,9 @@ class RolloutRequest:
     """the policy that samples: `theta`, or a snapshot such as `old` or `sampler`"""
     keep_x0: bool = True
     """keep the final samples for training (forward-process methods); trajectory methods need only transitions"""
+    keep_trajectory: bool = False
+    """keep every latent the sampler evaluated the model at, (N+1, B, ...) with the final sample last
+    (RolloutBatch.trajectory; ELBO-PG's `xt_source: latents`); needs a sampler that calls the model once per step"""
     record_before: Optional[int] = None
     """trajectory-likelihood methods: keep the stochastic transitions (latent, next latent, step, behaviour
     log-prob) of the sampler steps with index < record_before, and only those; needs a sampler that records them"""
@@ -73,6 +76,8 @@ class RolloutBatch:
     source for an algorithm that must reuse the sampler's settings"""
     transitions: Optional[Transitions] = None
     """the recorded stochastic transitions when the rollout request set `record_before`"""
+    trajectory: Optional[torch.Tensor] = None
+    """(N+1, B, ...) the latent at each `sigmas[k]` when the rollout request set `keep_trajectory`"""
     cfg_scale: float = 1.0
     """the guidance the rollout sampled with (trajectory likelihoods must be recomputed with the same)"""
     step_scores: Dict[str, torch.Tensor] = field(default_factory=dict)

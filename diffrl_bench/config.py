@@ -125,6 +125,9 @@ class TrainConfig:
     """seeds the model-independent randomness (prompts, noise, timesteps)"""
     mixed_precision: str = "auto"
     """`auto` (fp32 on CPU, bf16 on GPU), `no`, `bf16` or `fp16`"""
+    allow_tf32: bool = False
+    """on CUDA, let fp32 matmuls and convolutions use TF32 (set at the start of the run; false leaves torch's
+    defaults); for `mixed_precision: no` runs whose original did so (the ELBO-PG authors' fp32 + TF32)"""
     threads: int = 0
     """torch intra-op threads on CPU; 0 leaves the default"""
     device: str = "auto"

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from diffrl_bench.config import resolve_sampler_options
 from diffrl_bench.models import THETA, calls_per_velocity
 from diffrl_bench.prompts import Prompt
-from diffrl_bench.registry import SAMPLERS
+from diffrl_bench.registry import REWARDS, SAMPLERS
 from diffrl_bench.reward_harness import build_reward, call_reward
 from diffrl_bench.rollout import sample_chunks
 from diffrl_bench.sampling import flow_sigmas
@@ -42,9 +42,16 @@ def generate(policy, prompts: Sequence[str], noise: torch.Tensor, sampler_cfg, *
 
 
 def build_eval_rewards(cfg) -> Dict[str, object]:
-    """The rewards scored at evaluation (`eval.rewards`), each with its options from `reward.options`."""
+    """The rewards scored at evaluation (`eval.rewards`), each with its options from `reward.options`, less the
+    options its class lists in `train_only_options` (e.g. geneval's `jpeg_quality`: every arm's evaluation scores
+    the same lossless images, whatever client its training mimics)."""
     options = OmegaConf.to_container(cfg.reward.options)
-    return {name: build_reward(name, options.get(name)) for name in cfg.eval.rewards}
+    rewards = {}
+    for name in cfg.eval.rewards:
+        drop = set(getattr(REWARDS.get(name), "train_only_options", ()))
+        kept = {key: value for key, value in (options.get(name) or {}).items() if key not in drop}
+        rewards[name] = build_reward(name, kept)
+    return rewards
 
 
 def eval_noise(num: int, latent_shape, seed: int) -> torch.Tensor:

@@ -14,13 +14,13 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Tupl
 import torch
 
 from diffrl_bench.models import index_condition
-from diffrl_bench.sampling import Rollout
+from diffrl_bench.sampling import Rollout, StateRecorder
 
 
 def sample_chunks(policy, condition: Callable[[slice], Any], noise: torch.Tensor, sampler: Callable,
                   sigmas: torch.Tensor, sampler_kwargs: Dict[str, Any], *, snapshot: str, cfg_scale: float,
                   chunk_size: int, groups: Optional[torch.Tensor] = None,
-                  phase: Callable[[], ContextManager] = contextlib.nullcontext,
+                  phase: Callable[[], ContextManager] = contextlib.nullcontext, keep_trajectory: bool = False,
                   ) -> Iterator[Tuple[slice, Rollout, torch.Tensor]]:
     """Yield `(chunk, rollout, images)` for consecutive chunks of `noise`'s rows; images decoded to [0, 1] on the CPU.
 
@@ -30,6 +30,9 @@ def sample_chunks(policy, condition: Callable[[slice], Any], noise: torch.Tensor
         groups: (B,) prompt-group ids, passed to the sampler per chunk as `groups` when given.
         phase: a context entered around each chunk's sampling and decoding (the cost ledger's rollout phase), so
             the caller's work between chunks (submitting rewards) stays outside it.
+        keep_trajectory: set `rollout.trajectory` (N+1, B, ...), the latent at each grid point, final sample last;
+            the sampler must evaluate the model once per step on the whole chunk (euler, dpm2, an SDE without a
+            shared prefix), which is checked.
     """
     total = noise.shape[0]
     for start in range(0, total, chunk_size):
@@ -42,6 +45,18 @@ def sample_chunks(policy, condition: Callable[[slice], Any], noise: torch.Tensor
                 return policy.velocity(x, sigma, c, snapshot=snapshot, cfg_scale=cfg_scale)
 
             kwargs = sampler_kwargs if groups is None else dict(sampler_kwargs, groups=groups[chunk])
-            rollout = sampler(velocity, noise[chunk].to(policy.device), sigmas, **kwargs)
+            field = StateRecorder(velocity) if keep_trajectory else velocity
+            rollout = sampler(field, noise[chunk].to(policy.device), sigmas, **kwargs)
+            if keep_trajectory:
+                rollout.trajectory = _trajectory(field, rollout, len(sigmas) - 1)
             images = policy.decode(rollout.x0).cpu()
         yield chunk, rollout, images
+
+
+def _trajectory(recorder: StateRecorder, rollout: Rollout, num_steps: int) -> torch.Tensor:
+    """The recorded states plus the final sample, checked to be one whole-chunk state per grid step."""
+    rows = rollout.x0.shape[0]
+    if len(recorder.states) != num_steps or any(state.shape[0] != rows for state in recorder.states):
+        raise ValueError(f"keep_trajectory needs a sampler that evaluates the model once per step on every row; "
+                         f"got {len(recorder.states)} evaluations for {num_steps} steps")
+    return recorder.trajectory(rollout.x0)

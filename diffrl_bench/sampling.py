@@ -73,6 +73,8 @@ class Rollout:
         stochastic: (N,) bool, which steps were stochastic (SDE samplers; the SDE window of Flow-GRPO-Fast).
         transitions: the recorded stochastic transitions, when the sampler was asked for them (`record_before`).
         total_nfe: velocity evaluations summed over samples, when not simply `nfe * B` (a shared ODE prefix).
+        trajectory: (N+1, B, ...) the latent at each grid point, set by the sampling loop when asked
+            (`sample_chunks(keep_trajectory=True)`).
     """
 
     x0: torch.Tensor
@@ -82,6 +84,7 @@ class Rollout:
     stochastic: Optional[torch.Tensor] = None
     transitions: Optional[Transitions] = None
     total_nfe: Optional[int] = None
+    trajectory: Optional[torch.Tensor] = None
 
     def sample_nfe(self) -> int:
         """Velocity evaluations summed over the batch (what the cost ledger counts)."""

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -24,9 +24,11 @@ from diffrl_bench.config import accepts_argument, algo_config, resolve_sampler_o
 from diffrl_bench.distributed import Processes, make_accelerator, make_generators
 from diffrl_bench.ds_checkpoint import load_engine_state, save_engine_state, whole_state_dict
 from diffrl_bench.evaluate import EVAL_EMA, build_eval_rewards, eval_snapshot, evaluate
+from diffrl_bench.headline import frame_has, headline_column, metric_column
 from diffrl_bench.ledger import CostLedger
 from diffrl_bench.models import THETA, build_policy, calls_per_velocity, index_condition
 from diffrl_bench.plots import plot_reward_vs_cost, save_image_grid
+from diffrl_bench.precision import apply_tf32
 from diffrl_bench.prompts import load_prompts
 from diffrl_bench.registry import ALGORITHMS, SAMPLERS
 from diffrl_bench.reward_harness import WeightedReward
@@ -77,6 +79,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.accelerator, self.deepspeed = make_accelerator(cfg.train)
         device = self.accelerator.device
+        apply_tf32(cfg.train.allow_tf32, device)
         self.processes = Processes(self.accelerator)
         self.world, self.rank = self.processes.world, self.processes.rank
         images = cfg.rollout.prompts_per_step * cfg.rollout.images_per_prompt
@@ -198,18 +201,21 @@ class Trainer:
             sampler_kwargs["record_before"] = request.record_before
         # Samplers that work per prompt group (e.g. a shared ODE prefix) name `groups` in their signature.
         offer_groups = accepts_argument(self.sampler, "groups")
-        x0s, transitions, futures = [], [], []
+        x0s, transitions, trajectories, futures = [], [], [], []
         with torch.no_grad():
             cond = self.policy.encode_prompts(texts)
             chunks = sample_chunks(self.policy, lambda rows: index_condition(cond, rows), noise, self.sampler,
                                    self.sigmas, sampler_kwargs, snapshot=request.snapshot, cfg_scale=cfg_scale,
                                    chunk_size=r.chunk_size, groups=group_ids if offer_groups else None,
-                                   phase=lambda: self.ledger.phase("rollout"))
+                                   phase=lambda: self.ledger.phase("rollout"),
+                                   keep_trajectory=request.keep_trajectory)
             for chunk, rollout, images in chunks:
                 # Every process samples an equal share: the ledger counts them all.
                 self.ledger.add_nfe("rollout", rollout.sample_nfe() * calls_per_velocity(cfg_scale) * self.world)
                 if request.keep_x0:
                     x0s.append(rollout.x0)
+                if request.keep_trajectory:
+                    trajectories.append(rollout.trajectory)
                 if request.record_before is not None:
                     if rollout.transitions is None:
                         raise RuntimeError(f"sampler {r.sampler.name!r} returned no transitions although the "
@@ -228,7 +234,8 @@ class Trainer:
                             group_ids=group_ids, rewards=rewards, advantages=advantages, reward_components=scores,
                             step_scores=step_scores, step_group_ids=group_ids_all, step_offset=lo,
                             sigmas=self.sigmas, sampler_options=dict(self.sampler_options),
-                            transitions=Transitions.cat(transitions) if transitions else None, cfg_scale=cfg_scale)
+                            transitions=Transitions.cat(transitions) if transitions else None, cfg_scale=cfg_scale,
+                            trajectory=torch.cat(trajectories, dim=1) if trajectories else None)
 
     # ------------------------------------------------------------------------------------------------- train
     def accumulate_gradients(self, batch: RolloutBatch, indices: torch.Tensor) -> Dict[str, float]:
@@ -354,13 +361,13 @@ class Trainer:
         self.metrics.append(row)
         self.trackers.log(row, self.step)
         self.trackers.log_images(f"eval/grid_{tag}", self.out / f"grid_{tag}.png", self.step)
-        headline = self.headline_key()
+        headline = self.headline_key(lambda column: column in metrics)
         log.info("eval at step %d: %s = %.4f", self.step, headline, metrics.get(headline, float("nan")))
         return row
 
-    def headline_key(self) -> str:
-        first = self.cfg.eval.rewards[0] if self.cfg.eval.rewards else "reward"
-        return f"eval/{first}.strict.task_mean"
+    def headline_key(self, has: Callable[[str], bool]) -> str:
+        """The headline column among those `has` accepts (diffrl_bench/headline.py: the report's rule too)."""
+        return headline_column(list(self.cfg.eval.rewards), has)
 
     def save(self) -> None:
         generators = self.processes.generators_by_rank(self.generators)  # a collective: every process takes part
@@ -446,8 +453,10 @@ class Trainer:
             self.save()
         if self.accelerator.is_main_process:
             frame = self.metrics.write_csv()
-            plot_reward_vs_cost(frame, self.out / "reward_vs_cost.png", self.headline_key(),
-                                heldout=[f"eval/{r}" for r in cfg.eval.rewards[1:]],
+            has = frame_has(frame)
+            heldout = [metric_column(r, has) for r in cfg.eval.rewards[1:]]
+            plot_reward_vs_cost(frame, self.out / "reward_vs_cost.png", self.headline_key(has),
+                                heldout=[column for column in heldout if column is not None],
                                 title=f"{cfg.name} ({cfg.algorithm})")
         self.accelerator.wait_for_everyone()
         log.info("done: results in %s", self.out)

@@ -9,7 +9,7 @@ import json
 import socket
 import urllib.error
 import urllib.request
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -25,10 +25,14 @@ _START_HINT = ("start it in the GenEval environment: python -m diffrl_bench.gene
                "--backend mask2former --option config=... --option checkpoint=... --option class_names=...")
 
 
-def encode_png(array) -> str:
+def encode_image(array, jpeg_quality: Optional[int] = None) -> str:
+    """base64 PNG (lossless) or, with `jpeg_quality`, a JPEG of that quality."""
     buffer = io.BytesIO()
-    # Level 1: lossless either way, and the fast end of the size/time trade-off for a loopback hop.
-    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    if jpeg_quality is None:
+        # Level 1: lossless either way, and the fast end of the size/time trade-off for a loopback hop.
+        Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    else:
+        Image.fromarray(array).save(buffer, format="JPEG", quality=jpeg_quality)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -43,7 +47,9 @@ class GenEvalReward:
 
     Options: `url` (http://127.0.0.1:18085), `timeout` (seconds per request, 120), `batch_size` (most images per
     request, 32; requests are also split to fit the server's --max-images and --max-body-mb, which the client
-    reads once from GET /health), `strict_weight` (0), `partial_mode`.
+    reads once from GET /health), `strict_weight` (0), `partial_mode`, `jpeg_quality` (null: lossless PNG; an int
+    1..100: the client sends JPEGs of that quality, as Flow-GRPO's client does with PIL's default 75
+    [yifan123/flow_grpo@ac4c86e8:flow_grpo/rewards.py:191-196], so the detector scores the same compressed image).
     `backend`: "server" (default, the options above) or "hf-mask2former": no server; the transformers Mask2Former +
     CLIP detector runs in this process, and every further option goes to it or to the rules (detector, clip,
     device, dtype, local_files_only, batch_size, threshold, counting_threshold, ...; see geneval/hf.py and
@@ -53,10 +59,12 @@ class GenEvalReward:
 
     name = "geneval"
     needs_metadata = ("tag", "include")
+    train_only_options = ("jpeg_quality",)
+    """evaluation scores lossless images for every arm (diffrl_bench/evaluate.py build_eval_rewards)"""
 
     def __init__(self, url: str = "http://127.0.0.1:18085", timeout: float = 120.0, batch_size: int = 32,
-                 strict_weight: float = 0.0, partial_mode: str = "clauses", backend: str = "server",
-                 **backend_options: Any):
+                 strict_weight: float = 0.0, partial_mode: str = "clauses", jpeg_quality: Optional[int] = None,
+                 backend: str = "server", **backend_options: Any):
         name = self.name
         self.backend = option(name, "backend", backend, str, lambda v: v in BACKENDS, f"is not one of {BACKENDS}")
         if backend == "server" and backend_options:
@@ -71,6 +79,8 @@ class GenEvalReward:
                                     "is not in [0, 1]")
         self.partial_mode = option(name, "partial_mode", partial_mode, str, lambda v: v in PARTIAL_MODES,
                                    f"is not one of {list(PARTIAL_MODES)}")
+        self.jpeg_quality = None if jpeg_quality is None else option(
+            name, "jpeg_quality", jpeg_quality, int, lambda v: 1 <= v <= 100, "is not null or in 1..100")
         self._limits: Tuple[int, int] | None = None
         self._in_process = None
         if backend == "hf-mask2former":
@@ -165,7 +175,7 @@ class GenEvalReward:
             except MetadataError as error:
                 raise ValueError(f"geneval: metadata of image {i} (prompt {prompts[i][:80]!r}) is not a GenEval "
                                  f"record: {error}") from None
-        encoded = [encode_png(a) for a in to_uint8_hwc(images)]
+        encoded = [encode_image(a, self.jpeg_quality) for a in to_uint8_hwc(images)]
         metadata = list(metadata)
         strict: List[float] = []
         partial: List[float] = []

@@ -43,7 +43,7 @@ def test_forward_estimators_are_the_documented_formulas():
     torch.testing.assert_close(est["elbo_adaptive"], -t64 * m / abs_err, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(est["elbo_t2"], -t64 ** 2 * m)
     torch.testing.assert_close(est["elbo_uniform"], -m)
-    torch.testing.assert_close(est["elbo_exact"], -(1 - t64) / t64 * m)
+    torch.testing.assert_close(est["elbo_exact"], -(1 - t64) / (t64 + 1e-3) * m)
     for name, weighting in (("fm_ghuber", "ghuber"), ("fm_uniform", "Uniform"), ("fm_t", "t"), ("fm_t2", "t**2")):
         torch.testing.assert_close(est[name], awm_log_likelihood(m, t64, weighting))
     for name, value in est.items():

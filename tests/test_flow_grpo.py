@@ -361,3 +361,50 @@ def test_shared_prefix_computes_the_ode_prefix_once_per_group_with_the_same_resu
     different = torch.randn(6, 1, 4, 4)
     with pytest.raises(ValueError, match="same_noise_per_group"):
         flow_grpo_sde_sample(field, different, sigmas, shared_prefix=True, groups=groups, **kwargs)
+
+
+# ------------------------------------------------------------------------------ zero-variance prompt groups
+def _plugin_gradient(keep_zero_advantage):
+    """d loss / d per-sample velocity scale, with the Trainer's weighting (item loss x its share of samples)."""
+    from diffrl_bench.algorithm import RolloutBatch
+    from diffrl_bench.algorithms.flow_grpo import FlowGRPO, FlowGRPOConfig
+    from diffrl_bench.sampling import Transitions
+
+    B, R = 6, 2
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.tensor([0.5, 0.5, 0.5, 0.1, 0.9, 0.4], dtype=torch.float64)  # group 0: all equal
+    group_ids = torch.arange(B) // 3
+    from diffrl_bench.advantages import group_advantages
+    advantages = group_advantages(rewards, group_ids, std="group")
+    assert torch.all(advantages[:3] == 0) and torch.all(advantages[3:] != 0)
+    transitions = Transitions(latents=torch.randn(R + 1, B, *SHAPE[1:], generator=g),
+                              steps=torch.arange(R)[:, None].expand(R, B), log_probs=torch.zeros(R, B))
+    batch = RolloutBatch(x0=None, cond=None, prompts=["p"] * B, metadata=[{}] * B, group_ids=group_ids,
+                         rewards=rewards, advantages=advantages, reward_components={}, sigmas=flow_sigmas(4),
+                         sampler_options={"noise_level": 0.7, "sde_type": "sde"}, transitions=transitions)
+    algo = FlowGRPO(FlowGRPOConfig(kl_beta=0.04, keep_zero_advantage=keep_zero_advantage))
+    scale = torch.ones(B, dtype=torch.float32, requires_grad=True)
+    items = algo.training_items(batch, torch.arange(B), 4, g)
+    total = sum(len(item.index) for item in items if not item.placeholder)
+    for item in items:
+        s = scale[item.index].reshape(-1, 1, 1, 1)
+        velocities = {"theta": s * item.x, "ref": 0.5 * item.x}
+        # old log-probs = the ones theta gives now, so the ratio is 1 and only A and the KL drive the gradient
+        item.data["old_log_prob"] = sde_step_logprob(item.x, (s * item.x).detach(), item.sigma,
+                                                     item.data["sigma_next"], item.data["sigma_first_next"][0],
+                                                     prev_sample=item.data["x_next"], **item.options).log_prob.detach()
+        loss, _ = algo.loss(item, velocities)
+        (loss * len(item.index) / total).backward()
+    return {int(i) for item in items for i in item.index}, scale.grad
+
+
+def test_zero_variance_groups_are_not_trained_by_default():
+    trained, grad = _plugin_gradient(keep_zero_advantage=False)
+    assert trained == {3, 4, 5}
+    assert torch.all(grad[:3] == 0) and torch.all(grad[3:] != 0)
+
+
+def test_keep_zero_advantage_trains_them_through_the_kl_term():
+    trained, grad = _plugin_gradient(keep_zero_advantage=True)
+    assert trained == set(range(6))
+    assert torch.all(grad != 0)  # advantage 0, but theta != ref: the KL term moves them

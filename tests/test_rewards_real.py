@@ -514,8 +514,8 @@ def test_server_scores_and_survives_bad_requests(server):
         return json.dumps(payload).encode()
 
     one_image = [_png(_scene((RED, (5, 5))))]
-    jpeg = io.BytesIO()
-    Image.fromarray(_scene((RED, (5, 5)))).save(jpeg, format="JPEG")
+    bmp = io.BytesIO()
+    Image.fromarray(_scene((RED, (5, 5)))).save(bmp, format="BMP")
     bad = [
         (b"\x00\xffnot json at all", 400, "not valid JSON"),
         (b"[1, 2, 3]", 400, "must be a JSON object"),
@@ -524,7 +524,7 @@ def test_server_scores_and_survives_bad_requests(server):
         (body(images=[42], metadata=[COLORS]), 400, r"images\[0\] must be a base64 string"),
         (body(images=["@@not base64@@"], metadata=[COLORS]), 400, r"images\[0\] is not valid base64"),
         (body(images=[base64.b64encode(b"GIF89a garbage").decode()], metadata=[COLORS]), 400, "not a readable PNG"),
-        (body(images=[base64.b64encode(jpeg.getvalue()).decode()], metadata=[COLORS]), 400, "expected PNG"),
+        (body(images=[base64.b64encode(bmp.getvalue()).decode()], metadata=[COLORS]), 400, "expected one of"),
         (body(images=one_image, metadata=[{"include": "dog"}]), 400, r"metadata\[0\]: 'include' must be"),
         (body(images=one_image, metadata=[COLORS, COLORS]), 400, "1 images but 2 metadata"),
         (body(images=one_image, metadata=[COLORS], partial_mode="best"), 400, "partial_mode"),
@@ -612,3 +612,67 @@ def test_server_process_binds_loopback(tmp_path):
         proc.wait(timeout=10)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_geneval_client_sends_jpegs_of_the_configured_quality(server, monkeypatch):
+    """`jpeg_quality`: the client encodes JPEG (Flow-GRPO's client: PIL's default quality 75), the server decodes it."""
+    from diffrl_bench.rewards.geneval import GenEvalReward
+
+    host, port = server.server_address[:2]
+    scene = _scene((RED, (5, 5)))
+    images = torch.from_numpy(scene[None]).permute(0, 3, 1, 2).float() / 255
+    sent = []
+    original = GenEvalReward._post
+
+    def spy(self, encoded, metadata):
+        sent.extend(encoded)
+        return original(self, encoded, metadata)
+
+    monkeypatch.setattr(GenEvalReward, "_post", spy)
+    reward = build_reward("geneval", {"url": f"http://{host}:{port}", "jpeg_quality": 75})
+    scores = call_reward("geneval", reward, images, ["p"], [COLORS])
+    reference = io.BytesIO()
+    Image.fromarray(scene).save(reference, format="JPEG")  # PIL's default quality, what Flow-GRPO's client sends
+    assert base64.b64decode(sent[0]) == reference.getvalue()
+    # The server decoded and scored the JPEG (the fake detector needs exact colours, which JPEG does not keep).
+    assert scores["geneval.strict"].shape == (1,)
+    png = build_reward("geneval", {"url": f"http://{host}:{port}"})
+    call_reward("geneval", png, images, ["p"], [COLORS])
+    assert Image.open(io.BytesIO(base64.b64decode(sent[1]))).format == "PNG"  # the default stays lossless
+    with pytest.raises(ValueError, match="jpeg_quality"):
+        build_reward("geneval", {"url": f"http://{host}:{port}", "jpeg_quality": 0})
+
+
+@pytest.mark.parametrize("preset, jpeg", [("flow_grpo_sd35m_geneval", 75), ("awm_sd35m_geneval", 75),
+                                          ("nft_sd35m_geneval", None)])
+def test_geneval_presets_train_on_the_graded_score(server, preset, jpeg):
+    """The graded (partial) score, not the strict one, is what reaches the training advantage; evaluation scores
+    lossless images whatever the training client sends."""
+    from diffrl_bench.advantages import group_advantages
+    from diffrl_bench.config import load_config
+    from diffrl_bench.evaluate import build_eval_rewards
+    from diffrl_bench.reward_harness import WeightedReward
+    from omegaconf import OmegaConf
+
+    cfg = load_config(preset)
+    options = OmegaConf.to_container(cfg.reward.options)
+    assert options["geneval"]["partial_mode"] == "flow_grpo" and options["geneval"].get("jpeg_quality") == jpeg
+    host, port = server.server_address[:2]
+    options["geneval"]["url"] = f"http://{host}:{port}"
+    options["geneval"].pop("jpeg_quality", None)  # the fake detector needs exact colours
+    harness = WeightedReward(dict(cfg.reward.components), options, worker="inline")
+    # One prompt group, all strictly wrong (two-object prompts with one object drawn, or none): strict 0 everywhere,
+    # so a strict reward would give this group no signal at all; the graded score tells them apart.
+    two = {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1}],
+           "prompt": "a photo of a dog and a cat"}
+    scenes = [_scene((YELLOW, (5, 20))), _scene((YELLOW, (5, 20))), _scene(), _scene()]
+    images = torch.from_numpy(np.stack(scenes)).permute(0, 3, 1, 2).float() / 255
+    scores = harness(images, ["p"] * 4, [two] * 4)
+    assert scores["geneval.strict"].tolist() == [0.0] * 4
+    assert torch.equal(scores[WeightedReward.TOTAL].float(), scores["geneval.partial"].float())
+    assert scores["geneval.partial"][0] > scores["geneval.partial"][2]
+    advantages = group_advantages(scores[WeightedReward.TOTAL].double(), torch.zeros(4, dtype=torch.long),
+                                  std="group")
+    assert advantages[0] > 0 > advantages[2]
+    cfg.reward.options.geneval.url = f"http://{host}:{port}"
+    assert build_eval_rewards(cfg)["geneval"].jpeg_quality is None

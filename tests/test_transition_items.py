@@ -28,3 +28,21 @@ def test_items_carry_exactly_the_step_options_the_sampler_ran_with():
 def test_a_batch_from_a_sampler_without_sde_steps_is_refused_by_name():
     with pytest.raises(ValueError, match=r"lack \['noise_level', 'sde_type'\]"):
         transition_items(batch_with({"model_time": None}), torch.arange(4), 2, ("theta",), torch.zeros(4), "test")
+
+
+def test_dropping_zero_advantages_trains_only_informative_samples():
+    batch = batch_with({"noise_level": 0.7, "sde_type": "sde"})
+    advantages = torch.tensor([0.0, 0.0, 1.0, -1.0], dtype=torch.float64)  # group 0 had equal rewards
+    items = transition_items(batch, torch.arange(4), 2, ("theta",), advantages, "test", drop_zero_advantage=True)
+    assert {int(i) for item in items for i in item.index} == {2, 3}
+    assert not any(item.placeholder for item in items)
+    kept = transition_items(batch, torch.arange(4), 2, ("theta",), advantages, "test")
+    assert {int(i) for item in kept for i in item.index} == {0, 1, 2, 3}
+
+
+def test_a_step_with_only_zero_advantages_gets_one_placeholder():
+    batch = batch_with({"noise_level": 0.7, "sde_type": "sde"})
+    items = transition_items(batch, torch.tensor([1, 0]), 2, ("theta", "ref"), torch.zeros(4), "test",
+                             drop_zero_advantage=True)
+    assert len(items) == 1 and items[0].placeholder and items[0].snapshots == ("theta", "ref")
+    assert torch.equal(items[0].x, batch.transitions.latents[0, [1]])

@@ -17,9 +17,9 @@ from diffrl_bench.geneval.detectors import BACKENDS, COLORS, Backend, Mask2Forme
 from diffrl_bench.geneval.metadata import RELATIONS, MetadataError, validate_metadata
 from diffrl_bench.geneval.rules import (PARTIAL_MODES, ColorFn, Detection, ImageScore, Rules, box_iou, evaluate,
                                         keep_detections, relative_position)
-from diffrl_bench.geneval.server import RequestError, decode_png, make_server, parse_request, score_images
+from diffrl_bench.geneval.server import RequestError, decode_image, make_server, parse_request, score_images
 
 __all__ = ["BACKENDS", "COLORS", "PARTIAL_MODES", "RELATIONS", "Backend", "ColorFn", "Detection", "ImageScore",
-           "Mask2FormerBackend", "MetadataError", "RequestError", "Rules", "box_iou", "build_backend", "decode_png",
+           "Mask2FormerBackend", "MetadataError", "RequestError", "Rules", "box_iou", "build_backend", "decode_image",
            "evaluate", "keep_detections", "make_server", "parse_request", "relative_position", "score_images",
            "validate_metadata"]

@@ -3,7 +3,7 @@
 HTTP API (JSON both ways; the server binds 127.0.0.1 unless told otherwise, and has no authentication):
 
 * `GET /health` -> `{"status": "ok", "backend": ..., "max_body_bytes": ..., "max_images": ...}`
-* `POST /score` with `{"images": [base64 PNG, ...], "metadata": [GenEval record, ...], "partial_mode"?: ...}`
+* `POST /score` with `{"images": [base64 PNG or JPEG, ...], "metadata": [GenEval record, ...], "partial_mode"?: ...}`
   -> `{"strict": [...], "partial": [...], "details": [{"clauses": [[text, ok], ...], "detected": {class: n}}]}`.
   Errors answer `{"error": message}`: 400 malformed JSON, fields, images or metadata; 404 unknown path; 411 no
   Content-Length; 413 body over `--max-body-mb` or more than `--max-images` images or an image over
@@ -48,8 +48,12 @@ class RequestError(Exception):
         self.status = status
 
 
-def decode_png(text: Any, index: int, max_pixels: int):
-    """base64 PNG -> uint8 (H, W, 3) RGB array; refuses oversized images before decoding their pixels."""
+IMAGE_FORMATS = ("PNG", "JPEG")
+"""PNG (lossless, the default) or JPEG (a client that scores what Flow-GRPO's client sends: `jpeg_quality`)."""
+
+
+def decode_image(text: Any, index: int, max_pixels: int):
+    """base64 PNG or JPEG -> uint8 (H, W, 3) RGB array; refuses oversized images before decoding their pixels."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
@@ -61,8 +65,8 @@ def decode_png(text: Any, index: int, max_pixels: int):
         raise RequestError(400, f"images[{index}] is not valid base64") from None
     try:
         picture = Image.open(io.BytesIO(raw))
-        if picture.format != "PNG":
-            raise RequestError(400, f"images[{index}] is {picture.format}, expected PNG")
+        if picture.format not in IMAGE_FORMATS:
+            raise RequestError(400, f"images[{index}] is {picture.format}, expected one of {list(IMAGE_FORMATS)}")
         width, height = picture.size
         if width * height > max_pixels:
             raise RequestError(413, f"images[{index}] has {width}x{height} pixels, over --max-pixels {max_pixels}")
@@ -70,7 +74,7 @@ def decode_png(text: Any, index: int, max_pixels: int):
     except RequestError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise RequestError(400, f"images[{index}] is not a readable PNG: {error}") from None
+        raise RequestError(400, f"images[{index}] is not a readable PNG or JPEG: {error}") from None
 
 
 def parse_request(body: bytes, max_images: int, max_pixels: int) -> Tuple[List[Any], List[Dict[str, Any]], str]:
@@ -99,7 +103,7 @@ def parse_request(body: bytes, max_images: int, max_pixels: int) -> Tuple[List[A
             validate_metadata(record, require_prompt=False)
         except MetadataError as error:
             raise RequestError(400, f"metadata[{i}]: {error}") from None
-    return [decode_png(text, i, max_pixels) for i, text in enumerate(images)], metadata, mode
+    return [decode_image(text, i, max_pixels) for i, text in enumerate(images)], metadata, mode
 
 
 def make_server(backend: Backend, host: str = "127.0.0.1", port: int = 18085, rules: Optional[Rules] = None,

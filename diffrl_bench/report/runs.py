@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
+from diffrl_bench.headline import frame_has, metric_column, metric_forms
 from diffrl_bench.ledger import PHASES
 from diffrl_bench.report.errors import MissingColumnError, NoRunsError, ReportError
 
@@ -132,12 +133,10 @@ def load_runs(results_dir) -> List[RunResult]:
 
 
 def _metric_for(reward: str, runs: Sequence[RunResult]) -> Optional[str]:
-    # The first form that some run has wins; every run is then held to that same column, because mixing the
-    # strict and partial-credit forms across arms would compare different scores.
-    for column in (f"eval/{reward}.strict.task_mean", f"eval/{reward}.task_mean", f"eval/{reward}"):
-        if any(column in r.frame and r.frame[column].notna().any() for r in runs):
-            return column
-    return None
+    # The first form that some run has wins (diffrl_bench/headline.py, the Trainer's rule too); every run is then
+    # held to that same column, because mixing the strict and partial-credit forms across arms would compare
+    # different scores.
+    return metric_column(reward, lambda column: any(frame_has(r.frame)(column) for r in runs))
 
 
 def resolve_metrics(runs: Sequence[RunResult], metric: Optional[str] = None) -> Tuple[str, List[str], List[str]]:
@@ -159,7 +158,7 @@ def resolve_metrics(runs: Sequence[RunResult], metric: Optional[str] = None) -> 
             raise ReportError("no run's config.yaml lists eval.rewards; pass --metric COLUMN")
         if len(firsts) > 1:
             raise ReportError(f"runs are evaluated on different first rewards {firsts}; pass --metric COLUMN")
-        headline = _metric_for(firsts[0], runs) or f"eval/{firsts[0]}.strict.task_mean"
+        headline = _metric_for(firsts[0], runs) or metric_forms(firsts[0])[0]
     for run in runs:
         if headline not in run.frame or not run.frame[headline].notna().any():
             raise MissingColumnError(f"run {run.path} has no values in headline column {headline!r}")
