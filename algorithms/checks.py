@@ -8,7 +8,7 @@ from diffrl_bench.algorithm import OptionError, require
 from diffrl_bench.schedules import DECAY_PRESETS, decay_schedule
 from diffrl_bench.timesteps import TIME_DISTRIBUTIONS
 
-GRID_TIME_DISTRIBUTIONS = ("grid_subset", "stratified_grid")
+GRID_TIME_DISTRIBUTIONS = ("grid_subset", "stratified_grid", "grid_prefix")
 """time distributions that draw from the rollout grid's non-zero points"""
 
 

@@ -22,6 +22,7 @@ import torch
 from diffrl_bench.advantages import group_advantages, group_mean_centered
 from diffrl_bench.algorithms.awm import awm_loss
 from diffrl_bench.algorithms.crd import crd_loss
+from diffrl_bench.algorithms.dgpo import dgpo_loss
 from diffrl_bench.algorithms.estimators import ESTIMATORS, guidance_divisor
 from diffrl_bench.algorithms.flow_grpo import grpo_loss
 from diffrl_bench.algorithms.forward_items import noise_from_latent
@@ -29,6 +30,7 @@ from diffrl_bench.algorithms.nft import nft_loss
 from diffrl_bench.algorithms.objectives import OBJECTIVES, advantage_scale
 from diffrl_bench.algorithms.policy_gradient import elbo_pg_loss, forward_estimates, original_loss_terms
 from diffrl_bench.flow import forward_noise, mean_chw
+from diffrl_bench.timesteps import quantize_times
 from diffrl_bench.parity import (WITHIN_GROUP_PREFIX, case_leaf, case_long, case_tensor, grad_of,
                                  register_parity_kind, to_numpy)
 from diffrl_bench.sampling import StateRecorder, dpm2_sample
@@ -280,4 +282,40 @@ def _run_elbo_pg_loss(case: dict) -> Dict[str, np.ndarray]:
     for name, velocity, g in (("v_theta", v_theta, g_train), ("v_old", v_old, g_sample), ("v_ref", v_ref, g_ref)):
         if f"{name}_uncond" in case["inputs"]:
             out[name] = velocity
+    return to_numpy(out)
+
+
+@register_parity_kind("dgpo_loss")
+def _run_dgpo_loss(case: dict) -> Dict[str, np.ndarray]:
+    """The original trains at `t = timesteps / 1000` in float32; the case gives that t, so the runner insists they
+    agree (through `quantize_times`, the harness's integer-time option), and builds the CFG-guided reference itself
+    when `kl_cfg > 1` (the plugin gets it from the harness with `snapshot_cfg {"ref": kl_cfg}`)."""
+    params = case["params"]
+    x0, noise = case_tensor(case, "x0"), case_tensor(case, "noise")
+    t = case_tensor(case, "t")
+    timesteps = case_long(case, "timesteps")
+    if not torch.equal(t, (timesteps / 1000).to(torch.float64)):
+        raise ValueError("input t does not equal float32(timesteps / 1000)")
+    if not torch.equal(quantize_times(t.to(torch.float32), "floor1000").double(), t):
+        raise ValueError("quantize_times(t, 'floor1000') does not reproduce the case's integer-timestep t")
+    x_t = forward_noise(x0, noise, t)
+    target = noise - x0
+    kl_cfg = float(params["kl_cfg"])
+    if kl_cfg > 1:
+        uncond, text = case_tensor(case, "v_ref_uncond"), case_tensor(case, "v_ref_text")
+        v_ref = uncond + kl_cfg * (text - uncond)
+    else:
+        v_ref = case_tensor(case, "v_ref")
+    v_old = case_tensor(case, "v_old") if "v_old" in case["inputs"] else None
+    v_theta = case_leaf(case, "v_theta")
+    loss, metrics = dgpo_loss(
+        v_theta, target, case_tensor(case, "advantages"), case_long(case, "group_ids"), v_ref=v_ref, v_old=v_old,
+        beta_dpo=float(params["beta_dpo"]), group_size=int(params["group_size"]),
+        clip_range=float(params["clip_range"]), clip_dsm=bool(params["clip_dsm"]), clip_kl=bool(params["clip_kl"]),
+        beta=float(params["beta"]), use_ema_ref=bool(params["use_ema_ref"]),
+        adv_clip_max=float(params["adv_clip_max"]),
+    )
+    out = {**metrics, "t": t, "x_t": x_t, "target_v": target, "grad_v_theta": grad_of(loss, v_theta)}
+    if kl_cfg > 1:
+        out["v_ref_guided"] = v_ref
     return to_numpy(out)

@@ -48,6 +48,17 @@ class RolloutRequest:
     record_before: Optional[int] = None
     """trajectory-likelihood methods: keep the stochastic transitions (latent, next latent, step, behaviour
     log-prob) of the sampler steps with index < record_before, and only those; needs a sampler that records them"""
+    switch_snapshot: Optional[str] = None
+    """sample with this snapshot instead of `snapshot` once more than `switch_after` optimizer steps were taken
+    (DGPO samples with its EMA `old` model after step 500: `global_step > switch_ema_ref`)"""
+    switch_after: int = -1
+    """optimizer steps after which `switch_snapshot` samples; negative: never switch"""
+
+    def snapshot_at(self, optimizer_steps: int) -> str:
+        """The snapshot that samples the rollout after `optimizer_steps` optimizer steps."""
+        if self.switch_snapshot is not None and 0 <= self.switch_after < optimizer_steps:
+            return self.switch_snapshot
+        return self.snapshot
 
 
 @dataclass

@@ -49,6 +49,9 @@ class SamplerConfig:
     """solver steps"""
     shift: float = 1.0
     """timestep shift of the flow sigma grid (SD3 uses 3.0; the 16 px toy model uses 1.0)"""
+    grid: str = "flow"
+    """sigma grid (`sampling.GRIDS`): `flow` (the flow-matching Euler scheduler's, starts at 1) or `dpm_flow`
+    (diffusers' DPM-Solver scheduler with flow sigmas, starts at shift(0.999): DGPO's rollouts)"""
     cfg_scale: float = 1.0
     """classifier-free guidance scale; 1.0 disables CFG (one model call per step)"""
     options: Dict[str, Any] = field(default_factory=dict)
@@ -247,6 +250,7 @@ def load_config(name_or_path: Optional[str] = None, overrides: Sequence[str] = (
 def validate(cfg: DictConfig) -> None:
     """Checks beyond types: choices, ranges, and the algorithm's own options."""
     from diffrl_bench.registry import ALGORITHMS, MODELS, REWARDS, SAMPLERS
+    from diffrl_bench.sampling import GRIDS, MODEL_TIMES
 
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
@@ -259,6 +263,10 @@ def validate(cfg: DictConfig) -> None:
         need(sampler.name in SAMPLERS, f"{key}.name", f"unknown sampler {sampler.name!r}; known: {SAMPLERS.names()}")
         need(sampler.num_steps >= 1, f"{key}.num_steps", "must be at least 1")
         need(sampler.shift > 0, f"{key}.shift", "must be positive")
+        need(sampler.grid in GRIDS, f"{key}.grid", f"unknown sigma grid {sampler.grid!r}; known: {sorted(GRIDS)}")
+        model_time = sampler.options.get("model_time") if "model_time" in sampler.options else None
+        need(not isinstance(model_time, str) or model_time in MODEL_TIMES, f"{key}.options.model_time",
+             f"unknown model_time {model_time!r}; known: {sorted(MODEL_TIMES)}")
         if sampler.name in SAMPLERS:
             accepted = sampler_options(SAMPLERS.get(sampler.name))
             for option in sampler.options:

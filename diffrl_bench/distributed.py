@@ -22,6 +22,17 @@ PER_RANK_GENERATORS = ("train", "sampler")
 """the streams each process draws on its own; `prompts` and `noise` are shared by every process"""
 
 
+SHARED_TRAIN_OFFSET = 5
+"""offset of `shared_train_generator`'s seed (after every `STREAM_OFFSETS` entry)"""
+
+
+def shared_train_generator(seed: int) -> torch.Generator:
+    """A training stream that is the same on every process, for draws a whole step must agree on (DGPO's training
+    times and group noise, which the original draws on rank 0 and broadcasts). A plugin owns it and draws from it
+    once per optimizer step on every process; it is not part of the checkpoint, so a resumed run redraws."""
+    return torch.Generator().manual_seed(seed * SEED_STRIDE + SHARED_TRAIN_OFFSET)
+
+
 def make_generators(seed: int, rank: int) -> Dict[str, torch.Generator]:
     """The run's random streams, separate so that e.g. changing the micro-batch size does not change which prompts are
     drawn. `prompts` and `noise` (initial noise) are shared by every process, which each take their slice of the

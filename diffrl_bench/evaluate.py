@@ -19,14 +19,14 @@ from diffrl_bench.prompts import Prompt
 from diffrl_bench.registry import REWARDS, SAMPLERS
 from diffrl_bench.reward_harness import build_reward, call_reward
 from diffrl_bench.rollout import sample_chunks
-from diffrl_bench.sampling import flow_sigmas
+from diffrl_bench.sampling import sigma_grid
 
 
 @torch.no_grad()
 def generate(policy, prompts: Sequence[str], noise: torch.Tensor, sampler_cfg, *, snapshot: str = THETA,
              batch_size: int = 256, progress: bool = False, seed: int = 0) -> Tuple[torch.Tensor, int]:
     """Images in [0, 1] for `prompts` from the given initial noise; returns (images, NFEs per sample x samples)."""
-    sigmas = flow_sigmas(sampler_cfg.num_steps, sampler_cfg.shift)
+    sigmas = sigma_grid(sampler_cfg.grid, sampler_cfg.num_steps, sampler_cfg.shift)
     # A stochastic eval sampler draws its noise from a fixed stream too, so evaluations stay paired.
     kwargs = dict(resolve_sampler_options(sampler_cfg), generator=torch.Generator().manual_seed(seed))
     # Each chunk's prompts are encoded as it is sampled, so a large eval set is never encoded at once.

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from diffrl_bench.registry import SAMPLERS
+from diffrl_bench.timesteps import INTEGER_TIME_SLACK
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """`v = fn(x, sigma)`: `x` is (B, ...), `sigma` a (B,) tensor holding the same per-step time (0-1 scale) for every
@@ -138,6 +139,44 @@ def flow_sigmas(num_steps: int, shift: float = 3.0) -> torch.Tensor:
     return torch.cat([sig32, torch.zeros(1, dtype=torch.float32)]).to(torch.float64)
 
 
+def dpm_flow_sigmas(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The sigma grid of diffusers' `DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift)`, DGPO's
+    rollout sampler (Luo-Yihong/DGPO@01ceb4b:scripts/train_sd3_dgpo.py:557-559).
+
+    Unlike the Euler grid it does not start at 1: it shifts `1 - linspace(1, 1/T, N + 1)` (T = num_train_timesteps),
+    reverses it, drops the final point and appends 0, so it starts at shift(0.999) (0.99967 for shift 3) and the
+    DPM-Solver++(2M) correction is already active at step 1. The scheduler stores the grid in float32; those values
+    are returned as float64. Its integer timesteps are `floor(1000 sigma)` of the float64 values, which
+    `timesteps.quantize_times(..., "floor1000")` recovers from these.
+
+    Returns:
+        float64 tensor of shape (num_steps + 1,), decreasing, ending in 0.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    s = 1.0 - np.linspace(1.0, 1.0 / num_train_timesteps, num_steps + 1)
+    s = np.flip(shift * s / (1 + (shift - 1) * s))[:-1].copy()
+    grid = torch.cat([torch.from_numpy(s), torch.zeros(1, dtype=torch.float64)])
+    return grid.to(torch.float32).to(torch.float64)
+
+
+GRIDS = {"flow": flow_sigmas, "dpm_flow": dpm_flow_sigmas}
+"""rollout sigma grids by name (`rollout.sampler.grid`): `flow` = the flow-matching Euler scheduler's, `dpm_flow` =
+diffusers' DPM-Solver scheduler's with flow sigmas"""
+
+
+def sigma_grid(name: str, num_steps: int, shift: float) -> torch.Tensor:
+    """The named grid (see `GRIDS`)."""
+    if name not in GRIDS:
+        raise ValueError(f"unknown sigma grid {name!r}; expected one of {sorted(GRIDS)}")
+    return GRIDS[name](num_steps, shift)
+
+
+def _floor1000(sigma: torch.Tensor) -> torch.Tensor:
+    # The float32 grid can sit just below an integer the scheduler truncated from float64 (0.875 -> 0.87499994).
+    return torch.floor(sigma * 1000 + INTEGER_TIME_SLACK) / 1000
+
+
 def time_dtype(x: torch.Tensor) -> torch.dtype:
     """The latent's dtype, but never below float32: bf16 would move e.g. sigma 0.9601 to 0.9609."""
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
@@ -152,7 +191,7 @@ ModelTime = Union[None, str, Callable[[torch.Tensor], torch.Tensor]]
 
 MODEL_TIMES: Dict[str, Optional[Callable[[torch.Tensor], torch.Tensor]]] = {
     "sigma": None,
-    "floor1000": lambda s: torch.floor(s * 1000) / 1000,
+    "floor1000": _floor1000,
 }
 """Named `model_time` modes a config can set. `sigma`: the model sees the true sigma. `floor1000`: it sees
 `long(sigma * 1000) / 1000`, what the SD3 pipeline's integer timesteps hand the transformer in DiffusionNFT's and the

@@ -34,7 +34,7 @@ from diffrl_bench.registry import ALGORITHMS, SAMPLERS
 from diffrl_bench.reward_harness import WeightedReward
 from diffrl_bench.rollout import sample_chunks
 from diffrl_bench.runlog import MetricsLog, run_info
-from diffrl_bench.sampling import Transitions, flow_sigmas
+from diffrl_bench.sampling import Transitions, sigma_grid
 from diffrl_bench.schedules import eval_ema_decay
 from diffrl_bench.trackers import Trackers
 
@@ -99,9 +99,10 @@ class Trainer:
             self.policy.add_snapshot(name)
         if cfg.eval.ema_decay > 0:
             self.policy.add_snapshot(EVAL_EMA)
-        if self.algo.rollout.snapshot != THETA and self.algo.rollout.snapshot not in self.algo.snapshots:
-            raise ValueError(f"algorithm {cfg.algorithm!r} samples with snapshot {self.algo.rollout.snapshot!r} "
-                             f"but declares only {list(self.algo.snapshots)}")
+        for sampling in (self.algo.rollout.snapshot, self.algo.rollout.switch_snapshot):
+            if sampling not in (None, THETA) and sampling not in self.algo.snapshots:
+                raise ValueError(f"algorithm {cfg.algorithm!r} samples with snapshot {sampling!r} "
+                                 f"but declares only {list(self.algo.snapshots)}")
         o = cfg.optim
         optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=o.lr, betas=tuple(o.betas),
                                       weight_decay=o.weight_decay, eps=o.eps)
@@ -116,7 +117,7 @@ class Trainer:
         self.generators: Dict[str, torch.Generator] = make_generators(cfg.train.seed, self.rank)
         self.ledger = CostLedger(world_size=self.accelerator.num_processes, device_kind=_device_kind(self.accelerator),
                                  reward_server_devices=cfg.reward.server_devices)
-        self.sigmas = flow_sigmas(cfg.rollout.sampler.num_steps, cfg.rollout.sampler.shift)
+        self.sigmas = sigma_grid(cfg.rollout.sampler.grid, cfg.rollout.sampler.num_steps, cfg.rollout.sampler.shift)
         self.sampler = SAMPLERS.get(cfg.rollout.sampler.name)
         # Resolved once: the sampler's signature defaults under the config's options; the algorithm reads them on the batch.
         self.sampler_options = resolve_sampler_options(cfg.rollout.sampler)
@@ -205,7 +206,8 @@ class Trainer:
         with torch.no_grad():
             cond = self.policy.encode_prompts(texts)
             chunks = sample_chunks(self.policy, lambda rows: index_condition(cond, rows), noise, self.sampler,
-                                   self.sigmas, sampler_kwargs, snapshot=request.snapshot, cfg_scale=cfg_scale,
+                                   self.sigmas, sampler_kwargs, snapshot=request.snapshot_at(self.optimizer_steps),
+                                   cfg_scale=cfg_scale,
                                    chunk_size=r.chunk_size, groups=group_ids if offer_groups else None,
                                    phase=lambda: self.ledger.phase("rollout"),
                                    keep_trajectory=request.keep_trajectory)

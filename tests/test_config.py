@@ -37,6 +37,8 @@ def test_unknown_keys_and_wrong_types_name_the_key_path(override, key):
     ("train.optimizer_steps_per_rollout=3", "train.optimizer_steps_per_rollout", "divide"),
     ("eval.ema_decay=1.0", "eval.ema_decay", "not in [0, 1)"),
     ("eval.ema_every=0", "eval.ema_every", "at least 1"),
+    ("rollout.sampler.grid=karras", "rollout.sampler.grid", "unknown sigma grid"),
+    ("rollout.sampler.options={model_time: round}", "rollout.sampler.options.model_time", "unknown model_time"),
 ])
 def test_bad_values_are_rejected_with_the_key(override, key, words):
     with pytest.raises(ConfigError) as info:

@@ -205,3 +205,57 @@ def test_low_precision_latents_get_float32_times(sampler):
     assert out.x0.dtype == torch.bfloat16
     assert all(t.dtype == torch.float32 for t in seen)
     assert [float(t[0]) for t in seen] == flow_sigmas(4)[:-1].tolist()
+
+
+@pytest.mark.parametrize("num_steps,shift", [(10, 3.0), (14, 3.0), (6, 5.0)])
+def test_dpm2_on_the_dpm_flow_grid_is_diffusers_dpm_solver(num_steps, shift):
+    """DGPO's sampler: DPMSolverMultistepScheduler(use_flow_sigmas, flow_shift) stepping with the integer timesteps.
+    Its grid starts below 1, so the second-order update already runs at step 1; the same solver started from 1
+    instead (our flow grids) gives something else."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffrl_bench.sampling import dpm_flow_sigmas
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    c = torch.randn(3, 4, 4, generator=g, dtype=torch.float64)
+
+    def velocity(z, s):
+        return 0.3 * z + s.reshape(-1, 1, 1, 1) * c - 0.5 * torch.tanh(z)
+
+    sched = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift,
+                                                  prediction_type="flow_prediction")
+    sched.set_timesteps(num_steps)
+    assert torch.equal(dpm_flow_sigmas(num_steps, shift).to(torch.float32), sched.sigmas.cpu())
+    y = x.clone()
+    for step in sched.timesteps:
+        y = sched.step(velocity(y, torch.full((2,), float(step) / 1000, dtype=torch.float64)), step, y).prev_sample
+    grid = dpm_flow_sigmas(num_steps, shift)
+    ours = dpm2_sample(velocity, x.clone(), grid, model_time="floor1000").x0
+    # diffusers keeps its sigmas and log-SNRs in float32: agreement to ~1e-6, far below the step-1 order's effect
+    assert torch.allclose(ours, y, rtol=0, atol=1e-5)
+    if num_steps > 2:
+        plain = dpm2_sample(velocity, x.clone(), torch.cat([torch.ones(1, dtype=torch.float64), grid[1:]]),
+                            model_time="floor1000").x0
+        assert not torch.allclose(plain, y, rtol=0, atol=1e-3)
+
+
+def test_model_time_by_name_is_the_callable_and_unknown_names_are_refused():
+    from diffrl_bench.sampling import MODEL_TIMES, sigma_grid
+    grid = sigma_grid("dpm_flow", 5, 3.0)
+    seen = {}
+
+    def velocity(name):
+        def fn(z, s):
+            seen.setdefault(name, []).append(s.clone())
+            return -z
+        return fn
+
+    x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    dpm2_sample(velocity("name"), x, grid, model_time="floor1000")
+    dpm2_sample(velocity("fn"), x, grid, model_time=MODEL_TIMES["floor1000"])
+    assert all(torch.equal(a, b) for a, b in zip(seen["name"], seen["fn"]))
+    assert [int(round(float(s[0]) * 1000)) for s in seen["name"]] == [
+        int(v) for v in torch.floor(grid[:-1] * 1000 + 2e-4)]
+    with pytest.raises(ValueError, match="model_time"):
+        dpm2_sample(velocity("bad"), x, grid, model_time="round")
+    with pytest.raises(ValueError, match="grid"):
+        sigma_grid("karras", 5, 3.0)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from diffrl_bench.sampling import flow_sigmas
-from diffrl_bench.timesteps import TIME_DISTRIBUTIONS, sample_train_times
+from diffrl_bench.sampling import dpm_flow_sigmas
+from diffrl_bench.timesteps import TIME_DISTRIBUTIONS, quantize_times, sample_train_times
 
 GRID = flow_sigmas(10)
 
@@ -76,3 +77,40 @@ def test_errors():
         sample_train_times("uniform", 2, 2, gen(), t_mn=0.1)
     with pytest.raises(ValueError):
         sample_train_times("uniform", 2, 2, gen(), t_min=0.0)
+
+
+def test_grid_prefix_draws_distinct_points_of_the_noisiest_pool_shared_by_the_batch():
+    seen = set()
+    for seed in range(40):
+        t = sample_train_times("grid_prefix", 6, 4, gen(seed), grid=GRID, pool=5)
+        assert t.shape == (4, 6)
+        assert all(torch.equal(t[:, 0], t[:, j]) for j in range(6))  # one set for every sample
+        column = t[:, 0].tolist()
+        assert len(set(column)) == 4 and set(column) <= set(GRID[:5].tolist())
+        seen.update(column)
+    assert seen == set(GRID[:5].tolist())  # every point of the pool turns up, none beyond it
+    with pytest.raises(ValueError, match="pool"):
+        sample_train_times("grid_prefix", 2, 4, gen(), grid=GRID, pool=3)
+    with pytest.raises(ValueError, match="pool"):
+        sample_train_times("grid_prefix", 2, 4, gen(), grid=GRID, pool=11)
+
+
+@pytest.mark.parametrize("num_steps,shift", [(10, 3.0), (14, 3.0), (25, 5.0)])
+def test_floor1000_gives_the_dpm_schedulers_integer_timesteps(num_steps, shift):
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift,
+                                                  prediction_type="flow_prediction")
+    sched.set_timesteps(num_steps)
+    grid = dpm_flow_sigmas(num_steps, shift)[:-1].to(torch.float32)
+    t = quantize_times(grid, "floor1000")
+    # DGPO's t = timesteps / 1000, an int64 / int division torch does in float32
+    assert t.dtype == torch.float32 and torch.equal(t, sched.timesteps.cpu() / 1000)
+    assert bool((t <= grid).all()) and bool((grid - t < 1e-3).all())
+
+
+def test_quantize_times_none_is_identity_and_unknown_kind_is_refused():
+    t = torch.rand(3, 4, dtype=torch.float64)
+    assert quantize_times(t, "none") is t
+    assert torch.equal(quantize_times(torch.tensor([0.5, 0.2505]), "floor1000"), torch.tensor([0.5, 0.25]))
+    with pytest.raises(ValueError, match="quantizer"):
+        quantize_times(t, "round")
