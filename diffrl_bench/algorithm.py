@@ -45,6 +45,9 @@ class RolloutRequest:
     record_before: Optional[int] = None
     """trajectory-likelihood methods: keep the stochastic transitions (latent, next latent, step, behaviour
     log-prob) of the sampler steps with index < record_before, and only those; needs a sampler that records them"""
+    record_means: bool = False
+    """with `record_before`: also keep each recorded step's behaviour mean (`Transitions.means`), for losses that
+    compare the current step mean with the sampling policy's (GRPO-Guard's ratio norm, Flow-DPPO's KL region)"""
 
 
 @dataclass
