@@ -29,7 +29,7 @@ from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem, r
 from diffrl_bench.algorithms.transition_items import records_transitions, transition_items
 from diffrl_bench.config import resolve_sampler_options
 from diffrl_bench.registry import ALGORITHMS
-from diffrl_bench.sde import sde_step_logprob
+from diffrl_bench.sde import STEP_SET_OPTIONS, sde_step_logprob, stochastic_steps
 
 ADVANTAGE_SCOPES = ("group", "global")
 
@@ -232,7 +232,13 @@ class FlowDPPO:
             raise ValueError(f"bad config key 'rollout.sampler.name': flow_dppo trains on the per-step likelihoods "
                              f"of a stochastic sampler, but {run.rollout.sampler.name!r} is a deterministic ODE "
                              f"solver; use flow_grpo_sde")
-        sde_type = resolve_sampler_options(run.rollout.sampler).get("sde_type")
+        options = resolve_sampler_options(run.rollout.sampler)
+        sde_type = options.get("sde_type")
+        try:  # the step set is drawn per rollout: try the first one now, so a bad pool fails at load time
+            stochastic_steps(run.rollout.sampler.num_steps, rollout_id=0,
+                             **{k: options[k] for k in STEP_SET_OPTIONS if k in options})
+        except ValueError as error:
+            raise ValueError(f"bad config key 'rollout.sampler.options': {error}") from None
         # The KL of two step Gaussians with one std is the mean distance over 2 sigma_t^2 only for the "sde" step.
         require(sde_type == "sde", "kl_threshold", f"the KL region needs rollout.sampler.options.sde_type 'sde', "
                                                    f"got {sde_type!r}")

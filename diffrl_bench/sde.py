@@ -30,6 +30,8 @@ DEFAULT_SDE_TYPE = "sde"
 """Flow-GRPO's step settings; written once here for the step and the sampler signatures (Flow-GRPO-Fast: 0.8, cps)"""
 SDE_STEP_OPTIONS = ("noise_level", "sde_type")
 """the sampler options that define one step's density, which training must reuse (`sde_step_options`)"""
+STEP_SET_OPTIONS = ("window_size", "window_range", "window_start", "sde_steps", "sde_pool", "sde_count")
+"""the sampler options that choose which steps are stochastic (`stochastic_steps`)"""
 
 
 @dataclass
