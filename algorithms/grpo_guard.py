@@ -20,7 +20,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem, require
-from diffrl_bench.algorithms.flow_grpo import grpo_loss
 from diffrl_bench.algorithms.transition_items import (check_trained_transitions, records_transitions,
                                                       trained_transition_steps, transition_items)
 from diffrl_bench.config import resolve_sampler_options
@@ -91,7 +90,8 @@ def grpo_guard_loss(
     `approx_kl = 0.5 mean_B (log p - log p_old)^2` uses the raw log-ratio, and the clip fractions compare the
     normalised ratio with eps, as the original logs them. The configs' `highclip_range` is never read by the original.
 
-    With `rationorm=False` this is exactly Flow-GRPO's `grpo_loss` (the original script's other branch).
+    With `rationorm=False` this is exactly Flow-GRPO's loss (the original script's other branch; tested equal to
+    `flow_grpo.grpo_loss`).
 
     Args:
         log_prob, old_log_prob: (B,) current / behaviour log-likelihoods; advantages: (B,) raw (clipped here).
@@ -110,17 +110,17 @@ def grpo_guard_loss(
         raise ValueError(f"clip_range must be positive, got {clip_range}")
     if beta > 0 and ref_mean is None:
         raise ValueError("grpo_guard_loss with beta > 0 needs ref_mean for the KL term")
-    if not rationorm:
-        return grpo_loss(log_prob, old_log_prob, advantages, clip_range=clip_range, adv_clip_max=adv_clip_max,
-                         beta=beta, mean=mean, ref_mean=ref_mean, std=std)
-
     adv = torch.clamp(advantages.detach(), -adv_clip_max, adv_clip_max)
-    ratio, bias, sigma_t, dt_scale = guard_ratio(log_prob, old_log_prob, mean, old_mean, std, sqrt_dt)
+    if rationorm:
+        ratio, bias, sigma_t, dt_scale = guard_ratio(log_prob, old_log_prob, mean, old_mean, std, sqrt_dt)
+        weight = 1 / dt_scale**2
+        metrics: Dict[str, torch.Tensor] = {"ratio_mean_bias": bias, "sigma_t": sigma_t}
+    else:  # Flow-GRPO's plain ratio and step weight (written here: a plugin does not import another plugin)
+        ratio, weight, metrics = torch.exp(log_prob - old_log_prob.detach()), 1.0, {}
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    policy_loss = torch.mean(torch.maximum(unclipped, clipped)) / dt_scale**2
-    metrics: Dict[str, torch.Tensor] = {"ratio": ratio, "ratio_mean_bias": bias, "sigma_t": sigma_t,
-                                        "policy_loss": policy_loss}
+    policy_loss = torch.mean(torch.maximum(unclipped, clipped)) * weight
+    metrics.update(ratio=ratio, policy_loss=policy_loss)
     if beta > 0:
         kl_loss = torch.mean(mean_chw((mean - ref_mean.detach()) ** 2) / (2 * std.reshape(-1) ** 2))
         loss = policy_loss + beta * kl_loss
