@@ -24,8 +24,10 @@ from diffrl_bench.algorithms.awm import awm_loss
 from diffrl_bench.algorithms.crd import crd_loss
 from diffrl_bench.algorithms.dgpo import dgpo_loss
 from diffrl_bench.algorithms.estimators import ESTIMATORS, guidance_divisor
+from diffrl_bench.algorithms.flow_dppo import dppo_advantages, dppo_loss, dppo_sigma_t
 from diffrl_bench.algorithms.flow_grpo import grpo_loss
 from diffrl_bench.algorithms.forward_items import noise_from_latent
+from diffrl_bench.algorithms.grpo_guard import grpo_guard_loss
 from diffrl_bench.algorithms.nft import nft_loss
 from diffrl_bench.algorithms.objectives import OBJECTIVES, advantage_scale
 from diffrl_bench.algorithms.policy_gradient import elbo_pg_loss, forward_estimates, original_loss_terms
@@ -319,3 +321,47 @@ def _run_dgpo_loss(case: dict) -> Dict[str, np.ndarray]:
     if kl_cfg > 1:
         out["v_ref_guided"] = v_ref
     return to_numpy(out)
+
+
+@register_parity_kind("grpo_guard_loss")
+def _run_grpo_guard_loss(case: dict) -> Dict[str, np.ndarray]:
+    params = case["params"]
+    log_prob, mean = case_leaf(case, "log_prob"), case_leaf(case, "prev_sample_mean")
+    loss, metrics = grpo_guard_loss(
+        log_prob, case_tensor(case, "old_log_prob"), case_tensor(case, "advantages"),
+        mean=mean, old_mean=case_tensor(case, "old_prev_sample_mean"), std=case_tensor(case, "std_dev_t"),
+        sqrt_dt=case_tensor(case, "sqrt_dt"), clip_range=float(params["clip_range"]),
+        adv_clip_max=float(params["adv_clip_max"]), beta=float(params["beta"]),
+        ref_mean=case_tensor(case, "prev_sample_mean_ref"), rationorm=bool(params["rationorm"]),
+    )
+    grad_log_prob, grad_mean = torch.autograd.grad(loss, (log_prob, mean), allow_unused=True)
+    if grad_mean is None:  # rationorm off and no KL: the mean does not enter the loss
+        grad_mean = torch.zeros_like(mean)
+    return to_numpy({**metrics, "grad_log_prob": grad_log_prob, "grad_prev_sample_mean": grad_mean})
+
+
+@register_parity_kind("dppo_loss")
+def _run_dppo_loss(case: dict) -> Dict[str, np.ndarray]:
+    params = case["params"]
+    sigma_t = dppo_sigma_t(case_tensor(case, "sigmas"), case_long(case, "sde_indices"), float(params["eta"]),
+                           add_kl_coefficient=bool(params["add_kl_coefficient"]))
+    new_logp = case_leaf(case, "new_logp")
+    loss, metrics = dppo_loss(
+        new_logp, case_tensor(case, "old_logp"), case_tensor(case, "advantages"),
+        new_means=case_tensor(case, "new_means"), old_means=case_tensor(case, "old_means"), sigma_t=sigma_t,
+        kl_threshold=float(params["kl_mask_threshold"]),
+    )
+    # The original scales each micro-batch's loss by 1 / its number of micro-batches before backward.
+    return to_numpy({**metrics, "sigma_t": sigma_t,
+                     "grad_new_logp": grad_of(loss * float(params.get("loss_scale", 1.0)), new_logp)})
+
+
+@register_parity_kind("dppo_advantages")
+def _run_dppo_advantages(case: dict) -> Dict[str, np.ndarray]:
+    params = case["params"]
+    rewards, group_ids = case_tensor(case, "rewards"), case_long(case, "group_ids")
+    if params.get("root_track"):  # UniRL gives the root track of a tree rollout zero advantage
+        return {"advantages": np.zeros(rewards.shape, dtype=np.float64)}
+    adv = dppo_advantages(rewards, group_ids, scope=params["scope"], use_global_std=bool(params["use_global_std"]),
+                          normalize=bool(params["normalize"]), eps=float(params["eps"]))
+    return to_numpy({"advantages": adv})

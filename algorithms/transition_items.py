@@ -25,9 +25,11 @@ def records_transitions(run: Any) -> bool:
 
 
 def trained_transition_steps(run: Any, timestep_fraction: float) -> int:
-    """How many sampler steps a trajectory method records: every window step, or the first int(N * fraction)."""
+    """How many sampler steps a trajectory method records: every step of a window or step set, or the first
+    int(N * fraction)."""
     sampler = run.rollout.sampler
-    if int(resolve_sampler_options(sampler).get("window_size", 0)) > 0:
+    options = resolve_sampler_options(sampler)
+    if int(options.get("window_size", 0)) > 0 or options.get("sde_steps") is not None or options.get("sde_count"):
         return sampler.num_steps
     return int(sampler.num_steps * timestep_fraction)
 
@@ -63,6 +65,9 @@ def transition_items(batch: RolloutBatch, indices: torch.Tensor, micro_batch_siz
     rollout's batch layout, so the recomputed log-probs equal the behaviour ones bit for bit before the first
     optimizer step (ratio exactly 1). The model sees sigma in the dtype the sampler handed it.
 
+    `data` holds `x_next`, `sigma_next`, `step` (grid indices), `sigma_first_next`, `old_log_prob`, `advantages`
+    and, when the rollout recorded them (`RolloutRequest.record_means`), the behaviour step means `old_mean`.
+
     Args:
         advantages: (B,) over the whole batch, in the method's scale; `method` names the algorithm in errors.
     """
@@ -84,12 +89,15 @@ def transition_items(batch: RolloutBatch, indices: torch.Tensor, micro_batch_siz
     for start in range(0, len(indices), micro_batch_size):
         rows = indices[start:start + micro_batch_size]
         for r in range(tr.num_steps):
-            x = tr.latents[r, rows]
+            x = tr.before(r)[rows]
             step = tr.steps[r, rows]
+            data = {"x_next": tr.after(r)[rows], "sigma_next": sigmas[step + 1], "step": step,
+                    "sigma_first_next": sigmas[1].reshape(1), "old_log_prob": tr.log_probs[r, rows],
+                    "advantages": advantages[rows]}
+            if tr.means is not None:
+                data["old_mean"] = tr.means[r, rows]
             items.append(TrainingItem(
                 index=rows, x=x, sigma=sigmas[step].to(time_dtype(x)), snapshots=tuple(snapshots),
                 cfg_scale=batch.cfg_scale, snapshot_cfg=dict(snapshot_cfg or {}), options=dict(step_options),
-                data={"x_next": tr.latents[r + 1, rows], "sigma_next": sigmas[step + 1],
-                      "sigma_first_next": sigmas[1].reshape(1), "old_log_prob": tr.log_probs[r, rows],
-                      "advantages": advantages[rows]}))
+                data=data))
     return items

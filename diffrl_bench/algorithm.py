@@ -53,6 +53,9 @@ class RolloutRequest:
     (DGPO samples with its EMA `old` model after step 500: `global_step > switch_ema_ref`)"""
     switch_after: int = -1
     """optimizer steps after which `switch_snapshot` samples; negative: never switch"""
+    record_means: bool = False
+    """with `record_before`: also keep each recorded step's behaviour mean (`Transitions.means`), for losses that
+    compare the current step mean with the sampling policy's (GRPO-Guard's ratio norm, Flow-DPPO's KL region)"""
 
     def snapshot_at(self, optimizer_steps: int) -> str:
         """The snapshot that samples the rollout after `optimizer_steps` optimizer steps."""

@@ -325,8 +325,10 @@ def _algo_error(error: ValueError) -> ConfigError:
 
 
 # Arguments a sampler takes from the harness, not from `options`. The harness passes `record_before` (when the
-# algorithm asks for transitions) and `groups` to every sampler whose signature names them.
-HARNESS_SAMPLER_ARGS = ("velocity_fn", "x_init", "sigmas", "generator", "record_before", "groups")
+# algorithm asks for transitions), `record_means` (when it asks for step means), `groups` and `rollout_id` (the RL
+# step's index) to every sampler whose signature names them.
+HARNESS_SAMPLER_ARGS = ("velocity_fn", "x_init", "sigmas", "generator", "record_before", "groups", "record_means",
+                        "rollout_id")
 
 
 def sampler_options(sampler) -> set:

@@ -34,22 +34,38 @@ sample."""
 class Transitions:
     """The stochastic steps a trajectory-likelihood method trains on, and nothing else.
 
-    Recorded steps are consecutive for each sample (a prefix of the grid, or an SDE window), so R transitions need
-    only R + 1 latents: transition r goes from `latents[r]` to `latents[r + 1]`.
+    Recorded steps are usually consecutive for each sample (a prefix of the grid, or an SDE window), so R transitions
+    need only R + 1 latents: transition r goes from `latents[r]` to `latents[r + 1]`. A non-contiguous step set (the
+    sampler's `sde_steps` / `sde_count` options, Flow-DPPO) stores the states after each step in `next_latents`.
 
     Attributes:
-        latents: (R + 1, B, ...) the states around the recorded steps.
+        latents: (R + 1, B, ...) the states around the recorded steps; (R, B, ...) the states before them when
+            `next_latents` is given.
         steps: (R, B) long, the grid index of each transition (its sigma is `sigmas[step]`, its target `sigmas[step + 1]`).
         log_probs: (R, B) float32 behaviour log-likelihood of each transition under the sampling policy.
+        next_latents: (R, B, ...) the state after each recorded step, or None when the steps are consecutive.
+        means: (R, B, ...) float32 behaviour step mean of each transition (`RolloutRequest.record_means`), or None.
+            GRPO-Guard normalises its ratio with it, Flow-DPPO anchors its KL trust region on it; stored, it stays
+            the behaviour policy's across all optimizer steps of a rollout without a replay.
     """
 
     latents: torch.Tensor
     steps: torch.Tensor
     log_probs: torch.Tensor
+    next_latents: Optional[torch.Tensor] = None
+    means: Optional[torch.Tensor] = None
 
     @property
     def num_steps(self) -> int:
         return self.steps.shape[0]
+
+    def before(self, r: int) -> torch.Tensor:
+        """(B, ...) the state transition r starts from."""
+        return self.latents[r]
+
+    def after(self, r: int) -> torch.Tensor:
+        """(B, ...) the state transition r ends in."""
+        return self.latents[r + 1] if self.next_latents is None else self.next_latents[r]
 
     @staticmethod
     def cat(parts: List["Transitions"]) -> "Transitions":
@@ -57,9 +73,17 @@ class Transitions:
         lengths = {p.num_steps for p in parts}
         if len(lengths) != 1:
             raise ValueError(f"rollout chunks recorded different numbers of transitions: {sorted(lengths)}")
-        return Transitions(latents=torch.cat([p.latents for p in parts], dim=1),
-                           steps=torch.cat([p.steps for p in parts], dim=1),
-                           log_probs=torch.cat([p.log_probs for p in parts], dim=1))
+        for name in ("next_latents", "means"):
+            if len({getattr(p, name) is None for p in parts}) != 1:
+                raise ValueError(f"rollout chunks disagree on whether they recorded {name}")
+
+        def join(name: str) -> Optional[torch.Tensor]:
+            if getattr(parts[0], name) is None:
+                return None
+            return torch.cat([getattr(p, name) for p in parts], dim=1)
+
+        return Transitions(latents=join("latents"), steps=join("steps"), log_probs=join("log_probs"),
+                           next_latents=join("next_latents"), means=join("means"))
 
 
 @dataclass

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from diffrl_bench.flow import mean_chw
@@ -29,6 +30,8 @@ DEFAULT_SDE_TYPE = "sde"
 """Flow-GRPO's step settings; written once here for the step and the sampler signatures (Flow-GRPO-Fast: 0.8, cps)"""
 SDE_STEP_OPTIONS = ("noise_level", "sde_type")
 """the sampler options that define one step's density, which training must reuse (`sde_step_options`)"""
+STEP_SET_OPTIONS = ("window_size", "window_range", "window_start", "sde_steps", "sde_pool", "sde_count")
+"""the sampler options that choose which steps are stochastic (`stochastic_steps`)"""
 
 
 @dataclass
@@ -159,7 +162,69 @@ def sde_step_options(sampler_options: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The rollout sampler: SDE steps with log-probs, optionally only inside a window (Flow-GRPO-Fast)
+# Which steps are stochastic: all, a window (Flow-GRPO-Fast), or a set of steps (Flow-DPPO)
+
+
+def draw_sde_steps(rollout_id: int, pool: Sequence[int], count: int) -> List[int]:
+    """`count` distinct step indices of `range(pool[0], pool[1])`, sorted, drawn as UniRL's `AllSDEScheduler` does:
+    `numpy.random.default_rng(rollout_id).choice(pool, count, replace=False)`. The draw depends on the rollout's
+    index only (not on the run seed), so every chunk and process of one rollout draws the same set. With `count`
+    equal to the pool's size every pool step is taken (no draw).
+    Source: Tencent-Hunyuan/UniRL@1a7b501e8fe8517b432a130220d2ff462f9b5afa:unirl/utils/scheduler_utils.py:86-124."""
+    lo, hi = int(pool[0]), int(pool[1])
+    steps = list(range(lo, hi))
+    if not 0 < count <= len(steps):
+        raise ValueError(f"sde_count {count} must be between 1 and the {len(steps)} steps of sde_pool [{lo}, {hi})")
+    if count == len(steps):
+        return steps
+    chosen = np.random.default_rng(int(rollout_id)).choice(steps, size=count, replace=False)
+    return sorted(int(i) for i in chosen)
+
+
+def stochastic_steps(steps: int, *, window_size: int = 0, window_range: Optional[Sequence[int]] = None,
+                     window_start: Optional[int] = None, sde_steps: Optional[Sequence[int]] = None,
+                     sde_pool: Optional[Sequence[int]] = None, sde_count: int = 0,
+                     rollout_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(steps,) bool: which sampler steps are SDE steps (the others are Euler ODE steps). At most one of a window
+    (`window_size`), an explicit set (`sde_steps`) or a drawn set (`sde_pool` + `sde_count`, seeded by
+    `rollout_id`) may be given; none makes every step stochastic. See `flow_grpo_sde_sample` for the options."""
+    chosen = [name for name, on in (("window_size", window_size), ("sde_steps", sde_steps is not None),
+                                    ("sde_count", sde_count)) if on]
+    if len(chosen) > 1:
+        raise ValueError(f"the sampler options {chosen} each choose the SDE steps; give only one")
+    stochastic = torch.ones(steps, dtype=torch.bool)
+    if sde_count:
+        if sde_pool is None or len(sde_pool) != 2:
+            raise ValueError(f"sde_count {sde_count} needs sde_pool: [lo, hi) of step indices, got {sde_pool}")
+        if not 0 <= int(sde_pool[0]) < int(sde_pool[1]) <= steps:
+            raise ValueError(f"sde_pool {list(sde_pool)} must lie in [0, {steps}]")
+        if rollout_id is None:
+            raise ValueError("sde_count draws the SDE steps per rollout and needs the rollout's index (rollout_id)")
+        sde_steps = draw_sde_steps(rollout_id, sde_pool, sde_count)
+    if sde_steps is not None:
+        chosen_steps = sorted({int(i) for i in sde_steps})
+        if not chosen_steps or chosen_steps[0] < 0 or chosen_steps[-1] >= steps:
+            raise ValueError(f"sde_steps {list(sde_steps)} must be a non-empty set of step indices in [0, {steps})")
+        stochastic[:] = False
+        stochastic[chosen_steps] = True
+        return stochastic
+    if window_size < 0 or window_size > steps:
+        raise ValueError(f"window_size {window_size} must be between 0 (all steps) and the {steps} sampler steps")
+    if window_size:
+        lo, hi = (0, steps) if window_range is None else (int(window_range[0]), int(window_range[1]))
+        if not (0 <= lo and hi <= steps and hi - lo >= window_size):
+            raise ValueError(f"window_range {[lo, hi]} must lie in [0, {steps}] and hold a window of {window_size}")
+        if window_start is None:
+            window_start = int(torch.randint(lo, hi - window_size + 1, (1,), generator=generator))
+        if not 0 <= window_start <= steps - window_size:
+            raise ValueError(f"window_start {window_start} does not fit a window of {window_size} in {steps} steps")
+        stochastic[:] = False
+        stochastic[window_start:window_start + window_size] = True
+    return stochastic
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rollout sampler: SDE steps with log-probs, optionally only inside a window (Flow-GRPO-Fast) or on a step set
 
 
 @SAMPLERS.register("flow_grpo_sde")
@@ -168,7 +233,10 @@ def flow_grpo_sde_sample(velocity_fn: VelocityFn, x_init: torch.Tensor, sigmas: 
                          sde_type: str = DEFAULT_SDE_TYPE,
                          window_size: int = 0, window_range: Optional[Sequence[int]] = None,
                          window_start: Optional[int] = None, shared_prefix: bool = False,
-                         record_before: Optional[int] = None, groups: Optional[torch.Tensor] = None,
+                         sde_steps: Optional[Sequence[int]] = None, sde_pool: Optional[Sequence[int]] = None,
+                         sde_count: int = 0,
+                         record_before: Optional[int] = None, record_means: bool = False,
+                         groups: Optional[torch.Tensor] = None, rollout_id: Optional[int] = None,
                          generator: Optional[torch.Generator] = None) -> Rollout:
     """Flow-GRPO's stochastic sampler: `sde_step_logprob` on every step, or only on a window of consecutive steps.
 
@@ -181,29 +249,24 @@ def flow_grpo_sde_sample(velocity_fn: VelocityFn, x_init: torch.Tensor, sigmas: 
         shared_prefix: with a window, integrate the deterministic ODE prefix before it once per group (`groups`,
             given by the harness) instead of once per sample; needs the same initial noise within each group
             (`rollout.same_noise_per_group`). The velocity function must then accept `rows=` (the harness's does).
+        sde_steps: an explicit set of stochastic step indices, not necessarily consecutive (ODE elsewhere).
+        sde_pool, sde_count: Flow-DPPO's per-rollout step set: `sde_count` distinct steps of `[lo, hi)` drawn by
+            `draw_sde_steps(rollout_id, ...)` (the recipe: 3 of [0, 5) on 10 steps), the same for every chunk of a
+            rollout. Only one of window_size, sde_steps, sde_count may be set.
 
     Harness arguments: `record_before` asks for `Rollout.transitions`: the stochastic steps with index
-    < record_before (the trained ones), as latents, grid indices and behaviour log-probs; `groups` (B,) prompt-group
-    ids, passed by the harness to every sampler that names them.
+    < record_before (the trained ones), as latents, grid indices and behaviour log-probs; `record_means` adds
+    each recorded step's behaviour mean (`Transitions.means`); `groups` (B,) prompt-group ids and `rollout_id`
+    (the RL step's index), passed by the harness to every sampler that names them.
 
     Returns the final sample, the per-step behaviour log-probs (NaN on ODE steps), which steps were stochastic, and
     the transitions when asked.
     """
     grid = [float(s) for s in sigmas]
     steps = len(grid) - 1
-    if window_size < 0 or window_size > steps:
-        raise ValueError(f"window_size {window_size} must be between 0 (all steps) and the {steps} sampler steps")
-    stochastic = torch.ones(steps, dtype=torch.bool)
-    if window_size:
-        lo, hi = (0, steps) if window_range is None else (int(window_range[0]), int(window_range[1]))
-        if not (0 <= lo and hi <= steps and hi - lo >= window_size):
-            raise ValueError(f"window_range {[lo, hi]} must lie in [0, {steps}] and hold a window of {window_size}")
-        if window_start is None:
-            window_start = int(torch.randint(lo, hi - window_size + 1, (1,), generator=generator))
-        if not 0 <= window_start <= steps - window_size:
-            raise ValueError(f"window_start {window_start} does not fit a window of {window_size} in {steps} steps")
-        stochastic[:] = False
-        stochastic[window_start:window_start + window_size] = True
+    stochastic = stochastic_steps(steps, window_size=window_size, window_range=window_range,
+                                  window_start=window_start, sde_steps=sde_steps, sde_pool=sde_pool,
+                                  sde_count=sde_count, rollout_id=rollout_id, generator=generator)
     first_stochastic = int(stochastic.nonzero()[0])
     recorded = stochastic.clone()
     if record_before is not None:
@@ -218,22 +281,26 @@ def flow_grpo_sde_sample(velocity_fn: VelocityFn, x_init: torch.Tensor, sigmas: 
         total_nfe -= first_stochastic * batch - prefix_nfe
         start_step = first_stochastic
     log_probs = torch.full((steps, batch), float("nan"), dtype=torch.float32)
-    kept_latents: List[torch.Tensor] = []
+    befores: List[torch.Tensor] = []
+    afters: List[torch.Tensor] = []
+    means: List[torch.Tensor] = []
     kept_steps: List[int] = []
     for i in range(start_step, steps):
         sigma, sigma_next = grid[i], grid[i + 1]
-        if recorded[i] and not kept_latents:
-            kept_latents.append(x)
+        if recorded[i]:
+            befores.append(x)
         v = velocity_fn(x, torch.full((batch,), sigma, dtype=x.dtype, device=x.device))
         if stochastic[i]:
             step = sde_step_logprob(x, v, sigma, sigma_next, grid[1], noise_level=noise_level, sde_type=sde_type,
                                     generator=generator)
             x = step.prev_sample.to(x_init.dtype)
             log_probs[i] = step.log_prob.detach().float().cpu()
+            if recorded[i] and record_means:
+                means.append(step.mean.detach().float())
         else:
             x = x + v * (sigma_next - sigma)
         if recorded[i]:
-            kept_latents.append(x)
+            afters.append(x)
             kept_steps.append(i)
     transitions = None
     if record_before is not None:
@@ -241,8 +308,13 @@ def flow_grpo_sde_sample(velocity_fn: VelocityFn, x_init: torch.Tensor, sigmas: 
             raise ValueError(f"no stochastic step before record_before={record_before} "
                              f"(stochastic steps: {stochastic.nonzero().flatten().tolist()})")
         index = torch.tensor(kept_steps)
-        transitions = Transitions(latents=torch.stack(kept_latents), steps=index[:, None].expand(-1, batch).clone(),
-                                  log_probs=log_probs[index].clone())
+        consecutive = kept_steps == list(range(kept_steps[0], kept_steps[-1] + 1))
+        # Consecutive steps share their states (R + 1 latents); a step set keeps each step's before and after.
+        transitions = Transitions(
+            latents=torch.stack([befores[0], *afters] if consecutive else befores),
+            steps=index[:, None].expand(-1, batch).clone(), log_probs=log_probs[index].clone(),
+            next_latents=None if consecutive else torch.stack(afters),
+            means=torch.stack(means) if record_means else None)
     return Rollout(x0=x, sigmas=sigmas, nfe=steps, log_probs=log_probs, stochastic=stochastic, transitions=transitions, total_nfe=total_nfe)
 
 

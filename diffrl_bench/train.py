@@ -200,6 +200,11 @@ class Trainer:
         sampler_kwargs = dict(self.sampler_options, generator=g["sampler"])
         if request.record_before is not None:
             sampler_kwargs["record_before"] = request.record_before
+            if request.record_means:
+                sampler_kwargs["record_means"] = True
+        # Samplers that draw something once per rollout (Flow-DPPO's SDE step set) name `rollout_id`.
+        if accepts_argument(self.sampler, "rollout_id"):
+            sampler_kwargs["rollout_id"] = self.step
         # Samplers that work per prompt group (e.g. a shared ODE prefix) name `groups` in their signature.
         offer_groups = accepts_argument(self.sampler, "groups")
         x0s, transitions, trajectories, futures = [], [], [], []
