@@ -31,15 +31,15 @@ def test_a_drifted_value_a_missing_preset_and_an_uncovered_key_are_reported():
                for p in provenance.check_preset("nft_sd35m_geneval", entries))
     del entries["optim.lr"]
     assert any("sets 'optim.lr', which has no entry" in p for p in provenance.check_preset("nft_sd35m_geneval", entries))
-    problems = provenance.check_preset("grpo_guard_sd35m_geneval", {"optim.lr": {"value": 1.0, "source": "x"}})
+    problems = provenance.check_preset("no_such_method_sd35m_geneval", {"optim.lr": {"value": 1.0, "source": "x"}})
     assert problems and "does not exist" in problems[0]
 
 
 def test_a_key_our_schema_lacks_must_stay_unresolved_until_the_table_says_otherwise():
     cfg = load_config("flow_grpo_sd35m_geneval")
-    assert provenance.resolved_value(cfg, "train.allow_tf32") is provenance.MISSING
+    assert provenance.resolved_value(cfg, "model.options.text_encoder_dtype") is provenance.MISSING
     # defaults come from the schema that owns the key, not from the table
-    assert provenance.resolved_value(cfg, "reward.options.geneval.partial_mode") == "clauses"
+    assert provenance.resolved_value(load_config("crd_sd35m_geneval"), "reward.options.geneval.partial_mode") == "clauses"
     assert provenance.resolved_value(load_config("nft_sd35m_ocr"), "reward.options.ocr.whitespace") == "ascii_space"
     entries = {"train.steps": {"value": 1000, "source": "x", "ours": provenance.NO_KEY, "status": "kept"}}
     assert any("has no such key" in p for p in provenance.check_preset("flow_grpo_sd35m_geneval", entries))
