@@ -17,9 +17,24 @@ def cmd_train(args) -> int:
     from diffrl_bench.train import train
 
     cfg = load_config(args.config, args.overrides)
+    _stop_on_sigterm()
     out = train(cfg, progress=not args.no_progress)
     print(f"results: {out}")
     return 0
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler's cancel, `kill`) stops a run like Ctrl-C: at once, through its cleanup (the reward
+    worker, the run directory's lock), leaving the newest checkpoint as it is (checkpoints are written to a
+    temporary folder and renamed, so none is ever half-written under its final name)."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def cmd_list(args) -> int:
@@ -240,6 +255,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, CheckpointError, PluginError) as error:
         log.error("%s", error)
         return 2
+    except KeyboardInterrupt:
+        log.error("interrupted: the run stops; its checkpoints and logged rows are kept (the same command resumes "
+                  "from the newest checkpoint)")
+        return 130
     except (RewardError, RunStopped) as error:
         log.error("the run stopped: %s", error)
         return 1

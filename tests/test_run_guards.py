@@ -3,6 +3,7 @@ written (docs/errors.md lists them)."""
 import json
 import math
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,3 +240,40 @@ def test_export_onto_a_file_and_eval_of_a_corrupt_checkpoint(tiny_run, tmp_path,
     assert main(["eval", str(run)]) == 2
     assert "step_0000001 is damaged: model.safetensors has 100 bytes" in caplog.text
     assert json.loads((run / "checkpoints" / "step_0000001" / "manifest.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------ signals
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_a_run_promptly_leaving_the_newest_checkpoint_intact(tiny_run, tmp_path, signum):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from diffrl_bench.checkpoint import newest_intact_checkpoint, verify_checkpoint
+
+    out = tmp_path / "run"
+    # The tests' conftest registers the cheap `test_brightness` reward the tiny run uses.
+    launcher = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import conftest; "
+                "from diffrl_bench.cli import main; sys.exit(main(sys.argv[1:]))")
+    command = [sys.executable, "-c", launcher, str(Path(__file__).parent), "train", "toy_nft", "--no-progress",
+               *tiny_run("train.steps=500", "eval.every=-1", "checkpoint.every=1", "checkpoint.keep_last=2", out=out)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not step_checkpoints(out / "checkpoints") and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert step_checkpoints(out / "checkpoints"), proc.stdout.read() if proc.poll() is not None else "no ckpt"
+        proc.send_signal(getattr(signal, signum))
+        output, _ = proc.communicate(timeout=30)  # prompt: well under a second of work is left per step
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+    assert "interrupted: the run stops; its checkpoints and logged rows are kept" in output
+    for path in step_checkpoints(out / "checkpoints"):
+        verify_checkpoint(path)
+    newest = newest_intact_checkpoint(out / "checkpoints")
+    steps = [r["step"] for r in MetricsLog(out).rows()]
+    assert newest is not None and int(newest.name.split("_")[-1]) <= steps[-1]
+    lock_run_dir(out).release()  # the lock went with the process
