@@ -263,10 +263,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.error("the run stopped: %s", error)
         return 1
     except OSError as error:
-        if error.filename is None:
+        import errno
+
+        if error.filename is None and error.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
             raise
         # A full disk or an unwritable file: name it; rows and checkpoints written before stay.
-        log.error("%s: %s (what was written before is kept)", error.filename, error.strerror or error)
+        where = f"{error.filename}: " if error.filename else ""
+        log.error("%s%s (what was written before is kept)", where, error.strerror or error)
         return 1
 
 

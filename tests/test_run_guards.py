@@ -277,3 +277,24 @@ def test_a_signal_stops_a_run_promptly_leaving_the_newest_checkpoint_intact(tiny
     steps = [r["step"] for r in MetricsLog(out).rows()]
     assert newest is not None and int(newest.name.split("_")[-1]) <= steps[-1]
     lock_run_dir(out).release()  # the lock went with the process
+
+
+def test_a_malformed_sweep_spec_exits_2_with_one_line(tmp_path, caplog):
+    bad = tmp_path / "spec.yaml"
+    bad.write_text("arms:\n  a: [1,\n")
+    assert main(["sweep", str(bad), "--dry-run"]) == 2
+    assert f"sweep spec {bad}: cannot read it:" in caplog.text and "line" in caplog.text
+
+
+def test_a_full_disk_during_a_run_is_one_line_naming_the_file(tiny_run, monkeypatch, caplog):
+    import errno
+
+    import diffrl_bench.train as train_module
+
+    def full(cfg, progress=True):
+        raise OSError(errno.ENOSPC, "No space left on device", "/p/run/checkpoints/.tmp_step_0000004/model.safetensors")
+
+    monkeypatch.setattr(train_module, "train", full)
+    assert main(["train", "toy_nft", "--no-progress", *tiny_run()]) == 1
+    assert ("/p/run/checkpoints/.tmp_step_0000004/model.safetensors: No space left on device (what was written "
+            "before is kept)") in caplog.text
