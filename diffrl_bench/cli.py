@@ -24,15 +24,30 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     started = time.time()
+    _stop_on_sigterm()
     out = train(cfg, progress=not args.no_progress)
     if PartialState().is_main_process:
         print(run_summary(Path(out), list(cfg.eval.rewards), time.time() - started))
     return 0
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler's cancel, `kill`) stops a run like Ctrl-C: at once, through its cleanup (the reward
+    worker, the run directory's lock), leaving the newest checkpoint as it is (checkpoints are written to a
+    temporary folder and renamed, so none is ever half-written under its final name)."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def cmd_list(args) -> int:
     from diffrl_bench.config import CONFIG_DIR
-    from diffrl_bench.registry import ALGORITHMS, MODELS, REWARDS, SAMPLERS
+    from diffrl_bench.registry import ALGORITHMS, MODELS, REWARDS, SAMPLERS, broken_plugins
 
     for title, registry in (("algorithms", ALGORITHMS), ("rewards", REWARDS), ("samplers", SAMPLERS),
                             ("model backends", MODELS)):
@@ -40,6 +55,11 @@ def cmd_list(args) -> int:
         for name in registry.names():
             doc = (getattr(registry.get(name), "__doc__", None) or "").strip().splitlines()
             print(f"  {name:<18} {doc[0] if doc else ''}")
+    broken = broken_plugins()
+    if broken:
+        print("plugins that failed to load (their names are refused until fixed):")
+        for plugin in broken:
+            print(f"  {plugin.describe()}")
     print("configs:")
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         print(f"  {path.stem}")
@@ -101,14 +121,17 @@ def cmd_eval(args) -> int:
 
     from diffrl_bench.config import load_config
     from diffrl_bench.evaluate import build_eval_rewards, eval_snapshot, evaluate
-    from diffrl_bench.prompts import load_prompts
     from diffrl_bench.models import THETA, build_policy
+    from diffrl_bench.prompts import validate_prompt_sources
+    from diffrl_bench.run_guards import check_model_path
 
     run_dir = Path(args.config)
     is_run = run_dir.is_dir() and (run_dir / "config.yaml").exists()
     if args.checkpoint is not None and not is_run:
         raise SystemExit(f"--checkpoint needs a run directory (one holding config.yaml), not {args.config!r}")
     cfg = load_config(str(run_dir / "config.yaml") if is_run else args.config, args.overrides)
+    prompts = validate_prompt_sources(cfg, train=False)["data.eval_prompts"]  # before any model is built
+    check_model_path(cfg.model)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     policy = build_policy(cfg.model)
@@ -118,8 +141,8 @@ def cmd_eval(args) -> int:
         _load_trained(policy, cfg, checkpoint)
         snapshot = eval_snapshot(cfg.eval)
         log.info("evaluating %s of %s", snapshot, checkpoint)
-    metrics, _, _ = evaluate(policy, load_prompts(cfg.data.eval_prompts, "data.eval_prompts"), cfg.eval,
-                             build_eval_rewards(cfg), snapshot=snapshot, progress=True)
+    metrics, _, _ = evaluate(policy, prompts, cfg.eval, build_eval_rewards(cfg), snapshot=snapshot, progress=True,
+                             timeout_s=cfg.reward.timeout_s)
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.json:
@@ -137,6 +160,8 @@ def cmd_export(args) -> int:
     run_dir, out = Path(args.run), Path(args.out)
     if not (run_dir / "config.yaml").exists():
         raise SystemExit(f"{run_dir} is not a run directory (it has no config.yaml)")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out} is a file, not a directory; choose a new directory (nothing was written)")
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"--out {out} exists and is not empty; choose a new directory (nothing was written)")
     checkpoint = _run_checkpoint(run_dir, args.checkpoint)
@@ -225,13 +250,35 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     setup_logging(args.verbose)
+    from diffrl_bench.checkpoint import CheckpointError
     from diffrl_bench.config import ConfigError
+    from diffrl_bench.registry import PluginError
+    from diffrl_bench.reward_harness import RewardError
+    from diffrl_bench.run_guards import RunStopped
 
+    # Bad input (config, checkpoint, plugin): one line naming it, exit 2. A run stopped on a value it cannot
+    # continue from (a reward's failure, a non-finite loss): one line, exit 1. Either way, what was written is kept.
     try:
         return args.func(args)
-    except ConfigError as error:
+    except (ConfigError, CheckpointError, PluginError) as error:
         log.error("%s", error)
         return 2
+    except KeyboardInterrupt:
+        log.error("interrupted: the run stops; its checkpoints and logged rows are kept (the same command resumes "
+                  "from the newest checkpoint)")
+        return 130
+    except (RewardError, RunStopped) as error:
+        log.error("the run stopped: %s", error)
+        return 1
+    except OSError as error:
+        import errno
+
+        if error.filename is None and error.errno not in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+            raise
+        # A full disk or an unwritable file: name it; rows and checkpoints written before stay.
+        where = f"{error.filename}: " if error.filename else ""
+        log.error("%s%s (what was written before is kept)", where, error.strerror or error)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ The `algo` section is validated against the chosen algorithm's own config datacl
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -82,6 +84,8 @@ class RewardConfig:
     """`thread`: score off the main thread, overlapping the next rollout chunk; `inline`: score in place"""
     server_devices: int = 0
     """GPUs held by an external reward server (e.g. the GenEval server); the ledger charges them for the budget phases"""
+    timeout_s: float = 600.0
+    """seconds one scoring call may take before the run stops naming the reward; <= 0: no limit"""
 
 
 @dataclass
@@ -89,7 +93,8 @@ class AdvantageConfig:
     std: str = "global"
     """normaliser of group-relative advantages: `global` (std of all rewards of the step) or `group`"""
     clip: float = 5.0
-    """advantages are clipped to [-clip, clip] by the losses that use clipping"""
+    """not read by the harness: each algorithm clips with its own option (e.g. `algo.adv_clip_max`); kept so older
+    run configs load, and any value other than 5.0 is refused rather than silently ignored"""
 
 
 @dataclass
@@ -236,6 +241,8 @@ def load_config(name_or_path: Optional[str] = None, overrides: Sequence[str] = (
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         except OmegaConfBaseException as error:
             raise _explain(error, str(path)) from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r} is not of the form key=value")
@@ -256,11 +263,27 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             raise ConfigError(f"bad config key '{key}': {message}")
 
-    need(cfg.algorithm in ALGORITHMS, "algorithm", f"unknown algorithm {cfg.algorithm!r}; known: {ALGORITHMS.names()}")
-    need(cfg.model.backend in MODELS, "model.backend", f"unknown model backend {cfg.model.backend!r}; known: {MODELS.names()}")
+    from diffrl_bench.registry import PluginError
+
+    def available(registry, name: str, key: str) -> bool:
+        """`name in registry` is also true for a broken plugin's name: ask for it, so its failure is named here."""
+        if name not in registry:
+            return False
+        try:
+            registry.get(name)
+        except PluginError as error:
+            raise ConfigError(f"bad config key '{key}': {error}") from None
+        return True
+
+    if not cfg.output_dir:
+        from diffrl_bench.run_guards import check_run_name
+
+        check_run_name(cfg.name)
+    need(available(ALGORITHMS, cfg.algorithm, "algorithm"), "algorithm", f"unknown algorithm {cfg.algorithm!r}; known: {ALGORITHMS.names()}")
+    need(available(MODELS, cfg.model.backend, "model.backend"), "model.backend", f"unknown model backend {cfg.model.backend!r}; known: {MODELS.names()}")
     for key in ("rollout.sampler", "eval.sampler"):
         sampler = OmegaConf.select(cfg, key)
-        need(sampler.name in SAMPLERS, f"{key}.name", f"unknown sampler {sampler.name!r}; known: {SAMPLERS.names()}")
+        need(available(SAMPLERS, sampler.name, f"{key}.name"), f"{key}.name", f"unknown sampler {sampler.name!r}; known: {SAMPLERS.names()}")
         need(sampler.num_steps >= 1, f"{key}.num_steps", "must be at least 1")
         need(sampler.shift > 0, f"{key}.shift", "must be positive")
         need(sampler.grid in GRIDS, f"{key}.grid", f"unknown sigma grid {sampler.grid!r}; known: {sorted(GRIDS)}")
@@ -273,12 +296,18 @@ def validate(cfg: DictConfig) -> None:
                 need(option in accepted, f"{key}.options.{option}",
                      f"sampler {sampler.name!r} has no option {option!r}; its options: {sorted(accepted)}")
     for name, weight in cfg.reward.components.items():
-        need(name in REWARDS, f"reward.components.{name}", f"unknown reward; known: {REWARDS.names()}")
+        need(available(REWARDS, name, f"reward.components.{name}"), f"reward.components.{name}",
+             f"unknown reward; known: {REWARDS.names()}")
         need(isinstance(weight, (int, float)), f"reward.components.{name}", f"weight {weight!r} is not a number")
+        need(math.isfinite(weight), f"reward.components.{name}", f"weight {weight} is not a finite number")
     for name in cfg.reward.options:
         need(name in cfg.reward.components, f"reward.options.{name}", "options given for a reward that is not a component")
     for name in cfg.eval.rewards:
-        need(name in REWARDS, "eval.rewards", f"unknown reward {name!r}; known: {REWARDS.names()}")
+        need(available(REWARDS, name, "eval.rewards"), "eval.rewards", f"unknown reward {name!r}; known: {REWARDS.names()}")
+    from diffrl_bench.reward_harness import check_reward_options
+
+    for name, options in OmegaConf.to_container(cfg.reward.options).items():
+        check_reward_options(name, options)
     need(0 <= cfg.eval.ema_decay < 1, "eval.ema_decay", f"{cfg.eval.ema_decay} is not in [0, 1) (0: evaluate theta)")
     need(cfg.eval.ema_every >= 1, "eval.ema_every", "must be at least 1")
     need(cfg.reward.server_devices >= 0, "reward.server_devices", "must be non-negative")
@@ -291,6 +320,22 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.train.budget_gpu_hours >= 0, "train.budget_gpu_hours", "must be non-negative (0: no limit)")
     need(cfg.train.budget_nfe >= 0, "train.budget_nfe", "must be non-negative (0: no limit)")
     need(cfg.train.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1")
+    need(cfg.train.optimizer_steps_per_rollout >= 1, "train.optimizer_steps_per_rollout", "must be at least 1")
+    need(cfg.eval.images_per_prompt >= 1, "eval.images_per_prompt", "must be at least 1")
+    need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be at least 1")
+    need(cfg.advantage.clip == 5.0, "advantage.clip",
+         f"{cfg.advantage.clip} would be ignored: the harness does not clip advantages; set the algorithm's own "
+         f"clip option instead (e.g. algo.adv_clip_max; `diffrl-bench list` and README list them)")
+    for key in ("rollout.sampler", "eval.sampler"):
+        sampler = OmegaConf.select(cfg, key)
+        window = sampler.options.get("window_size", 0) if "window_size" in sampler.options else 0
+        need(not isinstance(window, int) or window <= sampler.num_steps, f"{key}.options.window_size",
+             f"a window of {window} SDE steps is longer than the {sampler.num_steps} steps of {key}.num_steps")
+        span = sampler.options.get("window_range") if "window_range" in sampler.options else None
+        if span is not None:
+            ok = len(span) == 2 and 0 <= span[0] < span[1] <= sampler.num_steps
+            need(ok, f"{key}.options.window_range",
+                 f"{list(span)} is not [lo, hi) with 0 <= lo < hi <= {key}.num_steps = {sampler.num_steps}")
     batch = cfg.rollout.prompts_per_step * cfg.rollout.images_per_prompt
     need(batch % cfg.train.optimizer_steps_per_rollout == 0, "train.optimizer_steps_per_rollout",
          f"must divide the rollout batch ({batch} images)")
@@ -298,6 +343,9 @@ def validate(cfg: DictConfig) -> None:
          f"{cfg.train.mixed_precision!r} is not one of auto, no, bf16, fp16")
     need(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", f"{cfg.train.device!r} is not auto, cpu or cuda")
     need(len(cfg.optim.betas) == 2, "optim.betas", "needs two values")
+    need(all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas", f"{list(cfg.optim.betas)}: each must be in [0, 1)")
+    need(cfg.optim.eps > 0, "optim.eps", f"{cfg.optim.eps} must be positive")
+    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", f"{cfg.optim.weight_decay} must be non-negative")
     need(cfg.optim.lr > 0, "optim.lr", "must be positive")
     from diffrl_bench.trackers import TrackerError, check_trackers
 
@@ -388,8 +436,13 @@ def algo_config(cfg: DictConfig) -> Any:
     return options
 
 
-def save_config(cfg: DictConfig, path: str | Path) -> None:
-    """Write the resolved config (with the algorithm section filled with its defaults)."""
+def resolved_config(cfg: DictConfig) -> Dict[str, Any]:
+    """The config as a plain dict, with the algorithm section filled with its defaults (what config.yaml holds)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["algo"] = OmegaConf.to_container(OmegaConf.structured(algo_config(cfg)))
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    return resolved
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    """Write the resolved config (with the algorithm section filled with its defaults)."""
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(resolved_config(cfg))))

@@ -17,7 +17,7 @@ from diffrl_bench.config import resolve_sampler_options
 from diffrl_bench.models import THETA, calls_per_velocity
 from diffrl_bench.prompts import Prompt
 from diffrl_bench.registry import REWARDS, SAMPLERS
-from diffrl_bench.reward_harness import build_reward, call_reward
+from diffrl_bench.reward_harness import DEFAULT_TIMEOUT_S, build_reward, call_reward_within
 from diffrl_bench.rollout import sample_chunks
 from diffrl_bench.sampling import sigma_grid
 
@@ -69,8 +69,11 @@ def eval_snapshot(eval_cfg) -> str:
 
 
 def evaluate(policy, prompts: List[Prompt], eval_cfg, rewards: Dict[str, object], *, snapshot: str = THETA,
-             progress: bool = False) -> Tuple[Dict[str, float], torch.Tensor, int]:
-    """Returns (metrics under `eval/`, images ordered prompt-major, NFEs used), sampled with `snapshot`."""
+             progress: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> Tuple[Dict[str, float], torch.Tensor, int]:
+    """Returns (metrics under `eval/`, images ordered prompt-major, NFEs used), sampled with `snapshot`.
+
+    Each reward's scoring call is bounded by `timeout_s` (reward.timeout_s) like training's: a hung reward
+    server stops the evaluation naming the reward."""
     k = eval_cfg.images_per_prompt
     texts = [p.text for p in prompts for _ in range(k)]
     metadata = [p.metadata for p in prompts for _ in range(k)]
@@ -79,7 +82,7 @@ def evaluate(policy, prompts: List[Prompt], eval_cfg, rewards: Dict[str, object]
                            batch_size=eval_cfg.batch_size, progress=progress, seed=eval_cfg.seed + 1)
     scores: Dict[str, torch.Tensor] = {}
     for name, reward in rewards.items():
-        scores.update(call_reward(name, reward, images, texts, metadata))
+        scores.update(call_reward_within(timeout_s, name, reward, images, texts, metadata))
     return summarize(scores, metadata), images, nfe
 
 

@@ -146,6 +146,28 @@ def call_reward(name: str, reward: Reward, images: torch.Tensor, prompts: Sequen
     return checked
 
 
+def call_reward_within(timeout_s: Optional[float], name: str, reward: Reward, images: torch.Tensor,
+                       prompts: Sequence[str], metadata: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+    """`call_reward` bounded by `timeout_s` (<= 0 or None: no limit), for callers without a `WeightedReward`
+    (evaluation). The call runs on a daemon thread, abandoned when it is past the timeout."""
+    if not timeout_s or timeout_s <= 0:
+        return call_reward(name, reward, images, prompts, metadata)
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            _settle(future.set_result, call_reward(name, reward, images, prompts, metadata))
+        except BaseException as error:  # noqa: BLE001 - delivered to the caller through the future
+            _settle(future.set_exception, error)
+
+    threading.Thread(target=run, name=f"reward-{name}", daemon=True).start()
+    done, _ = wait_futures([future], timeout=timeout_s)
+    if not done:
+        raise RewardError(f"reward {name!r} did not answer within {timeout_s:g} s (reward.timeout_s); the "
+                          f"evaluation stops. A reward server may be down or overloaded")
+    return future.result()
+
+
 def _settle(setter, value) -> None:
     """Complete a future unless it is done already (the caller gave up on it after a timeout, or cancelled it)."""
     try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Dict, List
 
 from diffrl_bench.fileio import atomic_write
+
+log = logging.getLogger("diffrl_bench")
 
 TRACKED_PACKAGES = ("diffrl-bench", "torch", "diffusers", "transformers", "accelerate", "peft", "deepspeed",
                     "omegaconf", "numpy", "pandas")
@@ -35,9 +38,25 @@ class MetricsLog:
             handle.flush()
 
     def rows(self) -> List[dict]:
+        """The logged rows. A last line cut short (a kill or a full disk mid-write) is named and left out (the
+        next `truncate_after` rewrites the file without it); a broken line before the last is an error."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = self.path.read_text().splitlines()
+        rows = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                if number == len(lines):
+                    log.warning("%s:%d: the last row was cut short (%s); dropped, the %d rows before it are kept",
+                                self.path, number, error.msg, len(rows))
+                    continue
+                raise ValueError(f"{self.path}:{number}: not a JSON row ({error.msg}); only the last row can be "
+                                 f"cut short by a crash, so this file was edited or damaged") from None
+        return rows
 
     def truncate_after(self, step: int) -> int:
         """Drop rows logged after `step` (a resumed run redoes them); returns how many were dropped."""

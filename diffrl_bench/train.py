@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from diffrl_bench.advantages import group_advantages, zero_variance_mask
 from diffrl_bench.algorithm import RolloutBatch
-from diffrl_bench.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from diffrl_bench.checkpoint import load_checkpoint, newest_intact_checkpoint, save_checkpoint
 from diffrl_bench.config import accepts_argument, algo_config, resolve_sampler_options, save_config
 from diffrl_bench.distributed import Processes, make_accelerator, make_generators
 from diffrl_bench.ds_checkpoint import load_engine_state, save_engine_state, whole_state_dict
@@ -30,9 +30,12 @@ from diffrl_bench.models import THETA, build_policy, calls_per_velocity, index_c
 from diffrl_bench.plots import plot_reward_vs_cost, save_image_grid
 from diffrl_bench.precision import apply_tf32
 from diffrl_bench.prompts import load_prompts
+from diffrl_bench.prompts import validate_prompt_sources
 from diffrl_bench.registry import ALGORITHMS, SAMPLERS
 from diffrl_bench.reward_harness import WeightedReward
 from diffrl_bench.rollout import sample_chunks
+from diffrl_bench.run_guards import (check_device, check_finite, check_model_path, check_resume_config,
+                                     is_main_launch_process, lock_run_dir)
 from diffrl_bench.runlog import MetricsLog, run_info
 from diffrl_bench.sampling import Transitions, sigma_grid
 from diffrl_bench.schedules import eval_ema_decay
@@ -72,9 +75,27 @@ class Trainer:
     Multi-process collectives and random streams are in diffrl_bench/distributed.py (`self.processes`)."""
 
     def __init__(self, cfg: DictConfig, progress: bool = True):
+        # Before anything is built or read from the output directory: the checks of diffrl_bench/run_guards.py,
+        # the prompt files, and the run directory's lock (held until `run` ends; released if building fails).
+        self.out = output_dir_of(cfg)
+        check_device(cfg.train.device, torch.cuda.is_available())
+        check_model_path(cfg.model)
+        self.loaded_prompts = validate_prompt_sources(cfg)
+        self.run_lock = lock_run_dir(self.out) if is_main_launch_process() else None
+        try:
+            check_resume_config(self.out, cfg)
+            self._build(cfg, progress)
+        except BaseException:
+            self.release_run_dir()
+            raise
+
+    def release_run_dir(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+    def _build(self, cfg: DictConfig, progress: bool) -> None:
         self.cfg = cfg
         self.progress = progress
-        self.out = output_dir_of(cfg)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         self.accelerator, self.deepspeed = make_accelerator(cfg.train)
@@ -109,10 +130,10 @@ class Trainer:
         self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.core, optimizer)
 
         self.reward = WeightedReward(dict(cfg.reward.components), OmegaConf.to_container(cfg.reward.options),
-                                     worker=cfg.reward.worker)
+                                     worker=cfg.reward.worker, timeout_s=cfg.reward.timeout_s)
         self.eval_rewards = build_eval_rewards(cfg)
-        self.train_prompts = load_prompts(cfg.data.train_prompts, "data.train_prompts")
-        self.eval_prompts = load_prompts(cfg.data.eval_prompts, "data.eval_prompts")
+        self.train_prompts = self.loaded_prompts["data.train_prompts"]
+        self.eval_prompts = self.loaded_prompts["data.eval_prompts"]
 
         self.generators: Dict[str, torch.Generator] = make_generators(cfg.train.seed, self.rank)
         self.ledger = CostLedger(world_size=self.accelerator.num_processes, device_kind=_device_kind(self.accelerator),
@@ -176,10 +197,8 @@ class Trainer:
         r = self.cfg.rollout
         P, K = r.prompts_per_step, r.images_per_prompt
         g = self.generators
-        if P <= len(self.train_prompts):
-            chosen = torch.randperm(len(self.train_prompts), generator=g["prompts"])[:P]
-        else:
-            chosen = torch.randint(len(self.train_prompts), (P,), generator=g["prompts"])
+        # A step draws distinct prompts; validate_prompt_sources refused prompts_per_step > the prompt set.
+        chosen = torch.randperm(len(self.train_prompts), generator=g["prompts"])[:P]
         prompts = [self.train_prompts[int(i)] for i in chosen for _ in range(K)]
         group_ids_all = self.step_group_ids()
         shape = self.policy.latent_shape
@@ -279,6 +298,7 @@ class Trainer:
                                                       cfg_scale=item.snapshot_cfg.get(s, item.cfg_scale))
                               for s in item.snapshots}
             loss, metrics = self.algo.loss(item, velocities)
+            check_finite(float(loss.detach()), f"the loss of algorithm {self.cfg.algorithm!r}", self.step + 1)
             counted = k < real and not item.placeholder
             # DDP and DeepSpeed average the processes' gradients: the world factor makes that the step's mean.
             weight = len(item.index) * self.world / step_total if counted else 0.0
@@ -315,6 +335,7 @@ class Trainer:
                 norm = self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), self.cfg.optim.grad_clip)
                 if norm is not None:
                     grad_norms.append(float(norm))
+                    check_finite(grad_norms[-1], "the gradient norm", self.step + 1)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer_steps += 1
@@ -355,7 +376,8 @@ class Trainer:
     def run_eval(self, tag: str) -> Dict[str, float]:
         with self.ledger.phase("eval"):
             metrics, images, nfe = evaluate(self.policy, self.eval_prompts, self.cfg.eval, self.eval_rewards,
-                                            snapshot=eval_snapshot(self.cfg.eval), progress=self.progress)
+                                            snapshot=eval_snapshot(self.cfg.eval), progress=self.progress,
+                                            timeout_s=self.cfg.reward.timeout_s)
         self.ledger.add_nfe("eval", nfe)
         n = min(self.cfg.eval.grid_prompts, len(self.eval_prompts))
         k = self.cfg.eval.images_per_prompt
@@ -394,7 +416,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def _maybe_resume(self) -> None:
-        path = latest_checkpoint(self.checkpoints)
+        path = newest_intact_checkpoint(self.checkpoints)
         if path is None:
             # Rows of an attempt that died before its first checkpoint would be redone: keep them, but aside.
             moved = self.metrics.set_aside()
@@ -467,6 +489,7 @@ class Trainer:
                                 title=f"{cfg.name} ({cfg.algorithm})")
         self.accelerator.wait_for_everyone()
         log.info("done: results in %s", self.out)
+        self.release_run_dir()
         return self.out
 
 
@@ -478,5 +501,7 @@ def train(cfg: DictConfig, progress: bool = True) -> Path:
         with contextlib.suppress(Exception):  # the run's own error is the one to report
             trainer.trackers.finish()
         raise
+    finally:
+        trainer.release_run_dir()
     trainer.trackers.finish()
     return out

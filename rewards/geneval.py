@@ -4,9 +4,11 @@ in the training process instead, under the same logged names."""
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -23,6 +25,10 @@ BACKENDS = ("server", "hf-mask2former")
 
 _START_HINT = ("start it in the GenEval environment: python -m diffrl_bench.geneval --port PORT "
                "--backend mask2former --option config=... --option checkpoint=... --option class_names=...")
+
+
+class _Transient(Exception):
+    """A refused or reset connection, worth retrying."""
 
 
 def encode_image(array, jpeg_quality: Optional[int] = None) -> str:
@@ -88,11 +94,32 @@ class GenEvalReward:
 
             self._in_process = GenEvalInProcess(self.strict_weight, self.partial_mode, **backend_options)
 
+    RETRIES = 3
+    """retries of a request whose connection was refused or reset (a busy or restarting server)"""
+    BACKOFF_S = 0.25
+    """wait before the first retry; doubled before each further one (0.25 + 0.5 + 1 s in all)"""
+
     def _open(self, request: urllib.request.Request, what: str) -> bytes:
+        """One request, retried a bounded number of times with backoff when the connection is refused or reset;
+        a timeout or an HTTP error is not retried (it would multiply the wait, or repeat a refusal)."""
+        for attempt in range(self.RETRIES + 1):
+            try:
+                return self._open_once(request, what, last=attempt == self.RETRIES)
+            except _Transient:
+                time.sleep(self.BACKOFF_S * 2 ** attempt)
+        raise AssertionError("unreachable: the last attempt raises")
+
+    def _open_once(self, request: urllib.request.Request, what: str, last: bool) -> bytes:
         endpoint = request.full_url
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return response.read()
+        except (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected) as error:
+            if not last:
+                raise _Transient() from error
+            raise RuntimeError(f"geneval: the connection to {endpoint} was refused or reset {self.RETRIES + 1} "
+                               f"times while sending {what} ({error!r}); the server may be overloaded or "
+                               f"down. {_START_HINT}") from None
         except urllib.error.HTTPError as error:
             try:
                 message = json.loads(error.read()).get("error", "")
@@ -102,6 +129,8 @@ class GenEvalReward:
                                f"{message}") from None
         except urllib.error.URLError as error:
             reason = error.reason
+            if isinstance(reason, (ConnectionRefusedError, ConnectionResetError)) and not last:
+                raise _Transient() from error
             if isinstance(reason, (socket.timeout, TimeoutError)):
                 raise RuntimeError(f"geneval: no answer from {endpoint} within {self.timeout:g} s "
                                    f"(option timeout)") from None

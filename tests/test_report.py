@@ -403,3 +403,43 @@ def test_eval_cfg_and_precision_are_stated_per_arm(tmp_path):
     assert cfg == "Evaluation per arm: CFG 1 for nft, crd; unrecorded for old."
     assert precision == ("Precision per arm: fp16 autocast, frozen weights float32 for nft; bf16 autocast, "
                          "frozen weights bfloat16 for crd; unrecorded for old.")
+
+
+def _half_finished_sweep(root):
+    """A sweep whose spec names flow_grpo as the baseline: nft finished, flow_grpo seed 0 only started."""
+    for seed in range(2):
+        _write_run(root / "nft" / f"seed{seed}", name=f"nft_seed{seed}", seed=seed, slope=0.01, gpu_rate=0.01,
+                   nfe_rate=10, arm_json={"arm": "nft", "seed": seed})
+    started = root / "flow_grpo" / "seed0"
+    started.mkdir(parents=True)
+    (started / "arm.json").write_text(json.dumps({"arm": "flow_grpo", "seed": 0}))
+    (started / "config.yaml").write_text("name: flow_grpo_seed0\n")
+    (root / "sweep.json").write_text(json.dumps({"sweeps": {"s": {"spec": {"baseline": "flow_grpo"}}}}))
+    return started
+
+
+def test_a_half_finished_sweep_keeps_its_specs_baseline_or_refuses_naming_the_unfinished_run(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    started = _half_finished_sweep(root)
+    with pytest.raises(ReportError, match=rf"the sweep spec's baseline arm 'flow_grpo' has no finished run under "
+                                          rf"{root} \(unfinished: {started}\); finish the sweep, or pass --baseline"):
+        report.analyse(root, n_boot=20)
+    assert report.main([str(root), "--out", str(tmp_path / "out"), "--n-boot", "20"]) == 2
+    # Once asked for explicitly, the other baseline is used, and the unfinished run is still named.
+    analysis = report.analyse(root, baseline="nft", n_boot=20)
+    assert analysis.baseline == "nft"
+    assert any(f"1 run(s) not finished (no metrics.csv), left out: flow_grpo ({started})" in n for n in analysis.notes)
+
+
+def test_the_specs_baseline_is_kept_when_finished(tmp_path):
+    root = tmp_path / "sweep"
+    started = _half_finished_sweep(root)
+    import shutil
+
+    shutil.rmtree(started)
+    _write_run(started, name="flow_grpo_seed0", seed=0, slope=0.005, gpu_rate=0.01, nfe_rate=10,
+               arm_json={"arm": "flow_grpo", "seed": 0})
+    (root / "sweep.json").write_text(json.dumps({"sweeps": {"s": {"spec": {"baseline": "nft"}}}}))
+    analysis = report.analyse(root, n_boot=20)
+    assert analysis.baseline == "nft" and analysis.baseline_reason == "the sweep spec's baseline"
+    assert not any("not finished" in n for n in analysis.notes)

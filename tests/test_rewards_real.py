@@ -676,3 +676,59 @@ def test_geneval_presets_train_on_the_graded_score(server, preset, jpeg):
     assert advantages[0] > 0 > advantages[2]
     cfg.reward.options.geneval.url = f"http://{host}:{port}"
     assert build_eval_rewards(cfg)["geneval"].jpeg_quality is None
+
+
+def test_forty_concurrent_clients_are_all_answered_by_a_bounded_pool():
+    """Issue 17: 40 clients at once used to be reset (listen backlog 5, a thread per connection). The pool serves
+    2 at a time; the others wait in the backlog or retry, and every one gets its scores."""
+    srv = gs.make_server(FakeDetector(), port=0, max_body_bytes=200_000, max_images=8, max_pixels=256 * 256,
+                         quiet=True, workers=2)
+    assert srv.request_queue_size >= 40
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    host, port = srv.server_address[:2]
+    scene = torch.from_numpy(_scene((RED, (5, 5)))).permute(2, 0, 1).float() / 255
+    results, errors = [], []
+    start = threading.Barrier(40)
+
+    def client():
+        try:
+            reward = build_reward("geneval", {"url": f"http://{host}:{port}", "timeout": 60})
+            start.wait(timeout=30)
+            results.append(reward(scene[None], ["p"], [COLORS])["geneval.strict"].tolist())
+        except Exception as error:  # noqa: BLE001 - collected and shown by the assertion
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=client) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    workers = len(srv._pool._threads)
+    srv.shutdown()
+    srv.server_close()
+    assert errors == [] and results == [[1.0]] * 40
+    assert workers <= 2  # the pool's threads only, never one per connection
+
+
+def test_the_geneval_client_retries_a_reset_connection_with_backoff_and_then_gives_up(monkeypatch):
+    from diffrl_bench.rewards import geneval as client_module
+
+    reward = build_reward("geneval", {"url": "http://127.0.0.1:9"})
+    calls, sleeps = [], []
+    monkeypatch.setattr(client_module.time, "sleep", sleeps.append)
+
+    def flaky(request, timeout):
+        calls.append(request.full_url)
+        if len(calls) <= 2:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return io.BytesIO(b'{"ok": 1}')
+
+    monkeypatch.setattr(client_module.urllib.request, "urlopen", flaky)
+    assert reward._open(client_module.urllib.request.Request("http://127.0.0.1:9/health"), "a check") == b'{"ok": 1}'
+    assert len(calls) == 3 and sleeps == [0.25, 0.5]
+    calls.clear(), sleeps.clear()
+    monkeypatch.setattr(client_module.urllib.request, "urlopen",
+                        lambda request, timeout: calls.append(1) or (_ for _ in ()).throw(ConnectionResetError(104, "reset")))
+    with pytest.raises(RuntimeError, match=r"was refused or reset 4 times while sending a check"):
+        reward._open(client_module.urllib.request.Request("http://127.0.0.1:9/health"), "a check")
+    assert len(calls) == 4 and sleeps == [0.25, 0.5, 1.0]

@@ -19,7 +19,8 @@ import io
 import json
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from diffrl_bench.geneval.detectors import Backend, build_backend
@@ -108,7 +109,7 @@ def parse_request(body: bytes, max_images: int, max_pixels: int) -> Tuple[List[A
 
 def make_server(backend: Backend, host: str = "127.0.0.1", port: int = 18085, rules: Optional[Rules] = None,
                 max_body_bytes: int = 100 * 2**20, max_images: int = 256, max_pixels: int = 4096 * 4096,
-                request_timeout: float = 120.0, quiet: bool = False) -> ThreadingHTTPServer:
+                request_timeout: float = 120.0, quiet: bool = False, workers: int = 8) -> "PooledHTTPServer":
     """A ready (bound, not yet serving) server; call `serve_forever()` (port 0 picks a free port)."""
     rules = rules or Rules()
     lock = threading.Lock()
@@ -186,9 +187,45 @@ def make_server(backend: Backend, host: str = "127.0.0.1", port: int = 18085, ru
                 self.log_error("scoring failed: %s: %s", type(error).__name__, error)
                 self._reply(500, {"error": f"{type(error).__name__}: {error}"}, close=True)
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
+    return PooledHTTPServer((host, port), Handler, workers=workers)
+
+
+class PooledHTTPServer(HTTPServer):
+    """An HTTP server answering on a fixed pool of worker threads instead of a thread per connection.
+
+    At most `2 x workers` connections are taken in at once (one being served or queued per slot); further
+    clients wait in the listen backlog (`request_queue_size`, not the default 5, which reset connections at
+    about 40 concurrent clients) until a slot frees. With the body limit (`--max-body-mb`) this bounds memory."""
+
+    request_queue_size = 128
+    daemon_threads = True
+
+    def __init__(self, address, handler, workers: int = 8):
+        super().__init__(address, handler)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="geneval")
+        self._slots = threading.BoundedSemaphore(2 * workers)
+
+    def process_request(self, request, client_address):
+        self._slots.acquire()
+
+        def serve():
+            try:
+                self.finish_request(request, client_address)
+            except Exception:  # noqa: BLE001 - one failed connection must not stop the server
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+                self._slots.release()
+
+        try:
+            self._pool.submit(serve)
+        except RuntimeError:  # the pool is shut down: the server is closing
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def server_close(self):
+        super().server_close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _parse_options(pairs: Sequence[str]) -> Dict[str, str]:
@@ -215,6 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--max-body-mb", type=float, default=100.0)
     parser.add_argument("--max-images", type=int, default=256)
     parser.add_argument("--max-pixels", type=int, default=4096 * 4096)
+    parser.add_argument("--workers", type=int, default=8, help="requests served at once (a fixed thread pool)")
     for f in dataclasses.fields(Rules):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     parser.add_argument("--quiet", action="store_true", help="no per-request log lines")
@@ -225,7 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     rules = Rules(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Rules)})
     backend = build_backend(args.backend, _parse_options(args.option))
     server = make_server(backend, args.host, args.port, rules, int(args.max_body_mb * 2**20), args.max_images,
-                         args.max_pixels, quiet=args.quiet)
+                         args.max_pixels, quiet=args.quiet, workers=args.workers)
     host, port = server.server_address[:2]
     print(f"geneval server ({backend.name}) listening on http://{host}:{port}", flush=True)
     try:

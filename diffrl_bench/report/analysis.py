@@ -3,6 +3,7 @@ ablation tables, before any file is written."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -13,11 +14,14 @@ import numpy as np
 import pandas as pd
 
 from diffrl_bench.ledger import PHASES
+from diffrl_bench.report.completeness import spec_baseline, unfinished_runs
 from diffrl_bench.report.errors import ReportError, UnknownArmError
 from diffrl_bench.report.runs import (COST_UNITS, MISSING, RunResult, config_value, load_runs, phase_breakdown,
                                      resolve_metrics)
 from diffrl_bench.report.stats import bootstrap_ci, speedup_ci, t_interval, threshold_crossing
 from diffrl_bench.report.wording import speedup_sentence
+
+log = logging.getLogger("diffrl_bench")
 
 
 def _norm(name: str) -> str:
@@ -171,7 +175,20 @@ def analyse(results_dir, *, baseline: Optional[str] = None, threshold: Optional[
     runs = load_runs(results_dir)
     headline, heldout, notes = resolve_metrics(runs, metric)
     arms = sorted({r.arm for r in runs})
-    if baseline is None:
+    unfinished = unfinished_runs(results_dir)
+    if unfinished:
+        listed = "; ".join(f"{arm} ({directory})" for arm, directory in unfinished)
+        notes.append(f"{len(unfinished)} run(s) not finished (no metrics.csv), left out: {listed}")
+        log.warning("report: %s", notes[-1])
+    named = spec_baseline(results_dir) if baseline is None else None
+    if named is not None:
+        if named not in arms:
+            waiting = [str(d) for arm, d in unfinished if arm == named]
+            raise ReportError(f"the sweep spec's baseline arm {named!r} has no finished run under {results_dir}"
+                              + (f" (unfinished: {', '.join(waiting)})" if waiting else "")
+                              + f"; finish the sweep, or pass --baseline ARM (finished arms: {arms})")
+        baseline, baseline_reason = named, "the sweep spec's baseline"
+    elif baseline is None:
         baseline = default_baseline(arms)
         baseline_reason = ("default: the arm named like Flow-GRPO" if _is_flow_grpo(baseline)
                            else "default: no arm named like Flow-GRPO, so the first arm alphabetically")

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -203,8 +204,9 @@ def load_spec(path: str | Path) -> Spec:
         raise SweepError(f"sweep spec {spec_path}: no such file")
     try:
         raw = OmegaConf.to_container(OmegaConf.load(spec_path), resolve=True)
-    except (OmegaConfBaseException, ValueError, OSError) as error:
-        raise SweepError(f"sweep spec {spec_path}: cannot read it: {str(error).splitlines()[0]}") from None
+    except (OmegaConfBaseException, ValueError, OSError, yaml.YAMLError) as error:
+        # A YAML syntax error's first line lacks the position: keep the whole message on one line.
+        raise SweepError(f"sweep spec {spec_path}: cannot read it: {' '.join(str(error).split())}") from None
     raw = _mapping(spec_path, "(top level)", raw)
     _check_keys(spec_path, "(top level)", raw, SPEC_KEYS)
 

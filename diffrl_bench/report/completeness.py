@@ -1,0 +1,44 @@
+"""Which runs of a results folder are not finished, and the baseline its sweep spec names: a report on a
+half-finished sweep says what is left out instead of silently comparing the arms that happen to be done."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from diffrl_bench.report.errors import ReportError
+
+
+def unfinished_runs(results_dir) -> List[Tuple[str, Path]]:
+    """(arm, folder) of every run folder (one holding `arm.json` or `config.yaml`) without a `metrics.csv`, which a
+    run writes when it ends: started (or only planned) but not finished. The arm is read from `arm.json` when there
+    is one, else the folder's name."""
+    found = []
+    root = Path(results_dir)
+    for marker in sorted({*root.rglob("arm.json"), *root.rglob("config.yaml")}):
+        directory = marker.parent
+        if (directory / "metrics.csv").exists() or any(d == directory for _, d in found):
+            continue
+        arm = directory.name
+        try:
+            arm = str(json.loads((directory / "arm.json").read_text())["arm"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        found.append((arm, directory))
+    return found
+
+
+def spec_baseline(results_dir) -> Optional[str]:
+    """The `baseline` of the sweep spec(s) recorded in `results_dir/sweep.json`, when they name one (and agree)."""
+    path = Path(results_dir) / "sweep.json"
+    if not path.exists():
+        return None
+    try:
+        sweeps = json.loads(path.read_text()).get("sweeps", {})
+        named = {(s.get("spec") or {}).get("baseline") for s in sweeps.values()} - {None}
+    except (ValueError, AttributeError) as error:
+        raise ReportError(f"cannot read {path}: {error}") from error
+    if len(named) > 1:
+        raise ReportError(f"{path}: the sweeps recorded there name different baselines {sorted(named)}; "
+                          f"pass --baseline ARM")
+    return next(iter(named), None)
