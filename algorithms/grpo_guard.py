@@ -160,6 +160,9 @@ class GRPOGuardConfig:
     """KL to the frozen reference on the step means (0 in every released config; > 0 adds the ref snapshot)"""
     timestep_fraction: float = 0.99
     """train on the first int(N * fraction) sampler steps (9 of 10; config/grpo_guard.py:157)"""
+    keep_zero_advantage: bool = False
+    """false (the original, whose script keeps Flow-GRPO's filter): samples whose advantage is exactly 0 are not
+    trained [yifan123/flow_grpo@ac4c86e8:scripts/train_sd3.py:796-817]; true trains them too"""
     rationorm: bool = True
     """the normalised ratio and 1/dt reweighting; false is exactly Flow-GRPO's loss (the original's other branch)"""
 
@@ -200,10 +203,14 @@ class GRPOGuard:
 
     def training_items(self, batch: RolloutBatch, indices, micro_batch_size: int, generator) -> List[TrainingItem]:
         """Every recorded transition, with its behaviour mean (`transition_items` adds `old_mean`)."""
-        return transition_items(batch, indices, micro_batch_size, self._needs, batch.advantages, "grpo_guard")
+        return transition_items(batch, indices, micro_batch_size, self._needs, batch.advantages, "grpo_guard",
+                                drop_zero_advantage=not self.config.keep_zero_advantage)
 
     def loss(self, item: TrainingItem, velocities: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         c, d = self.config, item.data
+        if item.placeholder:  # every sample of this step had advantage 0 (keep_zero_advantage false)
+            loss = 0.0 * velocities["theta"].sum()
+            return loss, {"loss": loss.detach()}
         step = sde_step_logprob(item.x, velocities["theta"], item.sigma, d["sigma_next"], d["sigma_first_next"][0],
                                 prev_sample=d["x_next"], **item.options)
         ref_mean = None

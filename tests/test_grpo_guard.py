@@ -91,3 +91,30 @@ def test_guard_needs_ref_mean_for_kl():
     with pytest.raises(ValueError, match="ref_mean"):
         grpo_guard_loss(log_prob, log_prob, adv, mean=mean, old_mean=mean, std=std, sqrt_dt=sqrt_dt,
                         clip_range=2e-6, beta=0.1)
+
+
+def test_grpo_guard_drops_zero_advantage_samples_as_its_script_does_unless_kept():
+    """GRPO-Guard's script keeps Flow-GRPO's filter: a prompt group whose rewards are all equal is not trained."""
+    from diffrl_bench.advantages import group_advantages
+    from diffrl_bench.algorithm import RolloutBatch
+    from diffrl_bench.algorithms.grpo_guard import GRPOGuard, GRPOGuardConfig
+    from diffrl_bench.sampling import Transitions, flow_sigmas
+
+    B, R = 6, 2
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.tensor([0.5, 0.5, 0.5, 0.1, 0.9, 0.4], dtype=torch.float64)  # group 0: all equal
+    group_ids = torch.arange(B) // 3
+    advantages = group_advantages(rewards, group_ids, std="group")
+    transitions = Transitions(latents=torch.randn(R + 1, B, 1, 4, 4, generator=g),
+                              steps=torch.arange(R)[:, None].expand(R, B), log_probs=torch.zeros(R, B),
+                              means=torch.randn(R, B, 1, 4, 4, generator=g))
+    batch = RolloutBatch(x0=None, cond=None, prompts=["p"] * B, metadata=[{}] * B, group_ids=group_ids,
+                         rewards=rewards, advantages=advantages, reward_components={}, sigmas=flow_sigmas(4),
+                         sampler_options={"noise_level": 0.7, "sde_type": "sde"}, transitions=transitions)
+
+    def trained(keep):
+        items = GRPOGuard(GRPOGuardConfig(keep_zero_advantage=keep)).training_items(batch, torch.arange(B), 4, g)
+        return {int(i) for item in items if not item.placeholder for i in item.index}
+
+    assert trained(False) == {3, 4, 5}
+    assert trained(True) == set(range(6))
