@@ -278,6 +278,7 @@ def test_trainer_runs_nft_on_the_sd3_backend_and_resumes(tiny_sd3, tmp_path):
         torch.testing.assert_close(policy.velocity(x, sigma, cond, snapshot="ref"), v_ref_before, rtol=0, atol=0)
     trainer.save()
     trainer.reward.close()
+    trainer.release_run_dir()  # the run directory's lock, which run() releases when a run ends
 
     resumed = Trainer(load_config("toy_nft", overrides), progress=False)
     assert resumed.step == 2
@@ -286,3 +287,4 @@ def test_trainer_runs_nft_on_the_sd3_backend_and_resumes(tiny_sd3, tmp_path):
             assert torch.equal(p, policy.lora.params(adapter)[k]), (adapter, k)
     assert resumed.policy.lora.active() == "default"
     resumed.reward.close()
+    resumed.release_run_dir()

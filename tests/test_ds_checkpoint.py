@@ -89,15 +89,16 @@ def test_toy_full_finetuning_resumes_with_the_uninterrupted_curve(tiny_run, tmp_
     step2 = checkpoint_dir(resumed / "checkpoints", 2)
     if launcher != "zero2":
         return
-    # A changed byte in one of DeepSpeed's files: the resumed run stops before unpickling it, naming the file.
+    # A changed byte in one of DeepSpeed's files: the resumed run never unpickles it. It names the file, sets the
+    # damaged checkpoint aside and falls back to the newest intact one (none here, so it starts again from step 0).
     target = _engine_file(step2)
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
     shutil.rmtree(checkpoint_dir(resumed / "checkpoints", STEPS))
     done = _run(tmp_path, args, overrides(resumed), expect_ok=False)
-    assert done.returncode != 0
-    assert "CheckpointError" in done.stderr and target.name in done.stderr and "SHA-256" in done.stderr
+    assert "skipping a damaged checkpoint" in done.stderr and target.name in done.stderr and "SHA-256" in done.stderr
+    assert "resumed from" not in done.stderr.lower() or "step_0000002" not in done.stderr
 
 
 @pytest.mark.slow

@@ -144,7 +144,7 @@ def test_per_arm_keys_keep_each_arms_own_value_and_cannot_also_be_fixed(tmp_path
         load_spec(make_spec(tmp_path, tiny_model_dir, fairness=fairness, per_arm=["eval.sampler"]))
 
 
-SD35_METHODS = {"nft", "flow_grpo", "awm", "crd", "elbo_pg", "rft"}
+SD35_METHODS = {"nft", "flow_grpo", "awm", "crd", "elbo_pg", "rft", "grpo_guard", "dgpo", "flow_dppo"}
 
 
 @pytest.mark.parametrize("task", ["geneval", "ocr", "pickscore"])
@@ -156,7 +156,9 @@ def test_sd35_head2head_sweeps_have_every_method_each_at_its_authors_eval_cfg(ta
     cfg = {r.arm: configs[r.id].eval.sampler.cfg_scale for r in runs}
     # Flow-GRPO evaluates with its training CFG (train_sd3.py:254); every other original, and Flow-GRPO's no-CFG
     # recipe, evaluate without CFG (docs/presets.md).
-    assert cfg.pop("flow_grpo") == 4.5
+    # GRPO-Guard (Flow-GRPO's code base) and DGPO also evaluate at their training CFG 4.5.
+    for arm in ("flow_grpo", "grpo_guard", "dgpo"):
+        assert cfg.pop(arm) == 4.5, arm
     assert set(cfg.values()) == {1.0}
     sampler = {(c.eval.sampler.name, c.eval.sampler.num_steps) for c in configs.values()}
     assert sampler == {("euler", 40)}
