@@ -26,10 +26,10 @@ import torch
 
 from diffrl_bench.advantages import group_mean_centered
 from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem, require
-from diffrl_bench.algorithms.transition_items import records_transitions, transition_items
+from diffrl_bench.algorithms.transition_items import records_transitions, transition_items, transition_step
 from diffrl_bench.config import resolve_sampler_options
 from diffrl_bench.registry import ALGORITHMS
-from diffrl_bench.sde import STEP_SET_OPTIONS, sde_step_logprob, stochastic_steps
+from diffrl_bench.sde import STEP_SET_OPTIONS, stochastic_steps
 
 ADVANTAGE_SCOPES = ("group", "global")
 
@@ -269,8 +269,7 @@ class FlowDPPO:
 
     def loss(self, item: TrainingItem, velocities: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         d = item.data
-        step = sde_step_logprob(item.x, velocities["theta"], item.sigma, d["sigma_next"], d["sigma_first_next"][0],
-                                prev_sample=d["x_next"], **item.options)
+        step = transition_step(item, velocities["theta"])
         return dppo_loss(step.log_prob, d["old_log_prob"].to(step.log_prob), d["advantages"].to(step.log_prob),
                          new_means=step.mean, old_means=d["old_mean"].to(step.mean),
                          sigma_t=d["sigma_t"].to(step.mean), kl_threshold=self.config.kl_threshold)

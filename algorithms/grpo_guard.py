@@ -21,11 +21,11 @@ import torch
 
 from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem, require
 from diffrl_bench.algorithms.transition_items import (check_trained_transitions, records_transitions,
-                                                      trained_transition_steps, transition_items)
+                                                      placeholder_loss, trained_transition_steps, transition_items,
+                                                      transition_step)
 from diffrl_bench.config import resolve_sampler_options
 from diffrl_bench.flow import mean_chw
 from diffrl_bench.registry import ALGORITHMS
-from diffrl_bench.sde import sde_step_logprob
 
 
 def guard_ratio(
@@ -209,14 +209,9 @@ class GRPOGuard:
     def loss(self, item: TrainingItem, velocities: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         c, d = self.config, item.data
         if item.placeholder:  # every sample of this step had advantage 0 (keep_zero_advantage false)
-            loss = 0.0 * velocities["theta"].sum()
-            return loss, {"loss": loss.detach()}
-        step = sde_step_logprob(item.x, velocities["theta"], item.sigma, d["sigma_next"], d["sigma_first_next"][0],
-                                prev_sample=d["x_next"], **item.options)
-        ref_mean = None
-        if c.kl_beta > 0:
-            ref_mean = sde_step_logprob(item.x, velocities["ref"], item.sigma, d["sigma_next"],
-                                        d["sigma_first_next"][0], prev_sample=d["x_next"], **item.options).mean
+            return placeholder_loss(velocities)
+        step = transition_step(item, velocities["theta"])
+        ref_mean = transition_step(item, velocities["ref"]).mean if c.kl_beta > 0 else None
         old_mean = d["old_mean"].to(step.mean) if c.rationorm else step.mean.detach()
         loss, metrics = grpo_guard_loss(
             step.log_prob, d["old_log_prob"].to(step.log_prob), d["advantages"].to(step.log_prob),

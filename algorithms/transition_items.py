@@ -16,7 +16,7 @@ from diffrl_bench.algorithm import OptionError, RolloutBatch, TrainingItem
 from diffrl_bench.config import resolve_sampler_options
 from diffrl_bench.registry import SAMPLERS
 from diffrl_bench.sampling import time_dtype
-from diffrl_bench.sde import sde_step_options
+from diffrl_bench.sde import SDEStep, sde_step_logprob, sde_step_options
 
 
 def records_transitions(run: Any) -> bool:
@@ -101,3 +101,16 @@ def transition_items(batch: RolloutBatch, indices: torch.Tensor, micro_batch_siz
                 cfg_scale=batch.cfg_scale, snapshot_cfg=dict(snapshot_cfg or {}), options=dict(step_options),
                 data=data))
     return items
+
+
+def transition_step(item: TrainingItem, velocity: torch.Tensor) -> SDEStep:
+    """The SDE step of a transition item under `velocity` (theta's, or ref's for the KL), with the rollout's options."""
+    d = item.data
+    return sde_step_logprob(item.x, velocity, item.sigma, d["sigma_next"], d["sigma_first_next"][0],
+                            prev_sample=d["x_next"], **item.options)
+
+
+def placeholder_loss(velocities: Dict[str, torch.Tensor]) -> tuple:
+    """Zero loss, still connected to theta, for the placeholder item of a step whose samples were all dropped."""
+    loss = 0.0 * velocities["theta"].sum()
+    return loss, {"loss": loss.detach()}
