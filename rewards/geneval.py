@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from PIL import Image
 
-from diffrl_bench.geneval import PARTIAL_MODES, MetadataError, validate_metadata
+from diffrl_bench.geneval import PARTIAL_MODES
+from diffrl_bench.geneval.metadata import check_image_records
 from diffrl_bench.registry import REWARDS
 from diffrl_bench.reward_harness import option_error
 from diffrl_bench.rewards._common import check_images, option, to_uint8_hwc
@@ -195,15 +196,7 @@ class GenEvalReward:
         if self._in_process is not None:
             return self._in_process(images, prompts, metadata)
         check_images(self.name, images, prompts)
-        if metadata is None or len(metadata) != len(prompts):
-            raise ValueError(f"geneval: needs one GenEval metadata record per image, got "
-                             f"{0 if metadata is None else len(metadata)} for {len(prompts)} images")
-        for i, record in enumerate(metadata):
-            try:
-                validate_metadata(record, require_prompt=False)
-            except MetadataError as error:
-                raise ValueError(f"geneval: metadata of image {i} (prompt {prompts[i][:80]!r}) is not a GenEval "
-                                 f"record: {error}") from None
+        check_image_records(metadata, prompts)
         encoded = [encode_image(a, self.jpeg_quality) for a in to_uint8_hwc(images)]
         metadata = list(metadata)
         strict: List[float] = []

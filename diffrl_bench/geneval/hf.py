@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from diffrl_bench.rewards._common import CLIP_MEAN, CLIP_STD, check_images, resolve_dtype, to_uint8_hwc
 
 from diffrl_bench.geneval.detectors import COLORS, Backend
-from diffrl_bench.geneval.metadata import MetadataError, validate_metadata
+from diffrl_bench.geneval.metadata import check_image_records
 from diffrl_bench.geneval.rules import PARTIAL_MODES, Detection, Rules
 from diffrl_bench.geneval.server import score_images
 
@@ -367,15 +367,7 @@ class GenEvalInProcess:
         import torch
 
         check_images(self.name, images, prompts)
-        if metadata is None or len(metadata) != len(prompts):
-            raise ValueError(f"geneval: needs one GenEval metadata record per image, got "
-                             f"{0 if metadata is None else len(metadata)} for {len(prompts)} images")
-        for i, record in enumerate(metadata):
-            try:
-                validate_metadata(record, require_prompt=False)
-            except MetadataError as error:
-                raise ValueError(f"geneval: metadata of image {i} (prompt {prompts[i][:80]!r}) is not a GenEval "
-                                 f"record: {error}") from None
+        check_image_records(metadata, prompts)
         scores = score_images(self.backend, list(to_uint8_hwc(images)), list(metadata), self.rules, self.partial_mode)
         strict = torch.tensor([s.strict for s in scores], dtype=torch.float32)
         partial = torch.tensor([s.partial for s in scores], dtype=torch.float32)

@@ -6,7 +6,7 @@ the package docstring).
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 RELATIONS = ("left of", "right of", "above", "below")
 _INCLUDE_KEYS = {"class", "count", "color", "position"}
@@ -68,3 +68,16 @@ def validate_metadata(record: Any, require_prompt: bool = True) -> Dict[str, Any
     for i, clause in enumerate(exclude):
         _check_clause(clause, f"exclude[{i}]", _EXCLUDE_KEYS, 0)
     return record
+
+
+def check_image_records(metadata: Any, prompts: List[str]) -> None:
+    """One GenEval record per image, each valid: the check both geneval reward backends run before scoring."""
+    if metadata is None or len(metadata) != len(prompts):
+        raise ValueError(f"geneval: needs one GenEval metadata record per image, got "
+                         f"{0 if metadata is None else len(metadata)} for {len(prompts)} images")
+    for i, record in enumerate(metadata):
+        try:
+            validate_metadata(record, require_prompt=False)
+        except MetadataError as error:
+            raise ValueError(f"geneval: metadata of image {i} (prompt {prompts[i][:80]!r}) is not a GenEval "
+                             f"record: {error}") from None
