@@ -8,7 +8,7 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -70,17 +70,21 @@ class Analysis:
     """report.md lines on the sweep's tuning stage (`tuning_lines`)"""
 
 
-def sweep_ablate_keys(results_dir) -> List[str]:
-    """The `ablate` keys of the sweep spec(s) recorded in `results_dir/sweep.json` (none if there is no such file)."""
+def recorded_sweeps(results_dir) -> Dict[str, Any]:
+    """The sweeps recorded in `results_dir/sweep.json` by name (empty if there is no such file)."""
     path = Path(results_dir) / "sweep.json"
     if not path.exists():
-        return []
+        return {}
     try:
-        sweeps = json.loads(path.read_text()).get("sweeps", {})
+        return json.loads(path.read_text()).get("sweeps", {})
     except (ValueError, AttributeError) as error:
         raise ReportError(f"cannot read {path}: {error}") from error
+
+
+def sweep_ablate_keys(results_dir) -> List[str]:
+    """The `ablate` keys of the sweep spec(s) recorded in `results_dir/sweep.json` (none if there is no such file)."""
     keys: List[str] = []
-    for entry in sweeps.values():
+    for entry in recorded_sweeps(results_dir).values():
         for key in (entry.get("spec") or {}).get("ablate") or []:
             if key not in keys:
                 keys.append(key)
@@ -92,15 +96,8 @@ def tuning_lines(results_dir) -> List[str]:
     search budget, the space and the chosen values per arm; none without a tuning stage."""
     from diffrl_bench.sweep.tune import TuneError, Trial, expand_trials, parse_tune, report_lines
 
-    path = Path(results_dir) / "sweep.json"
-    if not path.exists():
-        return []
-    try:
-        sweeps = json.loads(path.read_text()).get("sweeps", {})
-    except (ValueError, AttributeError) as error:
-        raise ReportError(f"cannot read {path}: {error}") from error
     lines: List[str] = []
-    for name, entry in sweeps.items():
+    for name, entry in recorded_sweeps(results_dir).items():
         spec = entry.get("spec") or {}
         if not spec.get("tune"):
             continue
