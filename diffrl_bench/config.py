@@ -122,6 +122,9 @@ class TrainConfig:
     """also stop once the budget phases (rollout, reward, train) have spent this many device-hours; 0: no limit"""
     budget_nfe: int = 0
     """also stop once the budget phases have spent this many network function evaluations; 0: no limit"""
+    budget_flops: float = 0.0
+    """also stop once the budget phases have spent this many model FLOPs (diffrl_bench/flops.py); 0: no limit.
+    Unlike device-hours it does not depend on how busy a shared machine is. A float: budgets run to 1e18 and beyond"""
     optimizer_steps_per_rollout: int = 1
     """optimizer steps per rollout batch; the batch is split evenly"""
     shuffle: bool = True
@@ -319,6 +322,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.train.steps >= 0, "train.steps", "must be non-negative")
     need(cfg.train.budget_gpu_hours >= 0, "train.budget_gpu_hours", "must be non-negative (0: no limit)")
     need(cfg.train.budget_nfe >= 0, "train.budget_nfe", "must be non-negative (0: no limit)")
+    need(cfg.train.budget_flops >= 0, "train.budget_flops", "must be non-negative (0: no limit)")
     need(cfg.train.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1")
     need(cfg.train.optimizer_steps_per_rollout >= 1, "train.optimizer_steps_per_rollout", "must be at least 1")
     need(cfg.eval.images_per_prompt >= 1, "eval.images_per_prompt", "must be at least 1")

@@ -16,7 +16,10 @@ Conventions:
 * The counting call runs the real network once (under no_grad) the first time a shape is seen; later calls are
   cache hits. Measure before timing, or accept one extra forward per new shape inside the timed region.
 
-`FlopMeter` also keeps per-phase totals (`add`, `totals`) for a ledger. `matmul_flops_per_s` measures what the
+The Trainer holds one `FlopMeter` (`flop_meter`) and charges the cost ledger's `cost/flops_<phase>` where it counts
+NFEs (FLOPs = NFEs x the per-sample forward, plus decodes, plus the backward of theta's calls); its first count of a
+shape runs outside the rollout phase's timing but inside the first training step's. `FlopMeter` can also keep
+per-phase totals itself (`add`, `totals`) for code outside the Trainer. `matmul_flops_per_s` measures what the
 device achieves on a large bf16 (GPU) / float32 (CPU) matmul, and `peak_flops` looks a GPU's dense bf16 peak up.
 """
 from __future__ import annotations

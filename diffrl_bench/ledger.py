@@ -2,7 +2,8 @@
 
 Phases are timed on the main process's wall clock. `rollout`, `reward` and `train` make up the budget;
 `eval` is logged but kept out of it. Device-seconds are world size x wall seconds; GPU-hours (device-hours) are
-their cumulative sum / 3600, with the device kind recorded beside them. When rewards run in a worker thread
+their cumulative sum / 3600, with the device kind recorded beside them. FLOPs are the policy's model FLOPs
+(diffrl_bench/flops.py: forward once per call, backward 2x): a cost that does not depend on how busy the machine is. When rewards run in a worker thread
 overlapping the next rollout chunk, `reward` counts only the time the main process waited for them, so the budget
 phases add up to the wall time actually spent.
 """
@@ -17,7 +18,7 @@ BUDGET_PHASES = ("rollout", "reward", "train")
 
 
 class CostLedger:
-    """What one run has spent so far, per phase: wall seconds, NFEs, and the training images generated.
+    """What one run has spent so far, per phase: wall seconds, NFEs, model FLOPs, and the training images generated.
 
     The Trainer times each phase with `phase(name)` (or adds a measured wait with `add_time`) and counts NFEs and
     images as it goes; every count is cumulative over the run. `columns()` turns the totals into the metrics
@@ -34,6 +35,7 @@ class CostLedger:
         self.device_kind = device_kind
         self.wall_s: Dict[str, float] = {p: 0.0 for p in PHASES}
         self.nfe: Dict[str, int] = {p: 0 for p in PHASES}
+        self.flops: Dict[str, int] = {p: 0 for p in PHASES}
         self.images = 0
 
     @contextmanager
@@ -52,6 +54,10 @@ class CostLedger:
     def add_nfe(self, name: str, count: int) -> None:
         """Network function evaluations, counted per sample (a batch of 8 images at 10 steps is 80)."""
         self.nfe[name] += int(count)
+
+    def add_flops(self, name: str, flops: int) -> None:
+        """Model FLOPs of the policy's network calls in a phase (forwards, backwards, decoding)."""
+        self.flops[name] += int(flops)
 
     def add_images(self, count: int) -> None:
         """Training images generated (eval images are not counted)."""
@@ -73,6 +79,10 @@ class CostLedger:
     def budget_nfe(self) -> int:
         return sum(self.nfe[p] for p in BUDGET_PHASES)
 
+    @property
+    def budget_flops(self) -> int:
+        return sum(self.flops[p] for p in BUDGET_PHASES)
+
     def columns(self) -> Dict[str, float]:
         """The `cost/*` columns of the metrics table (all cumulative)."""
         row: Dict[str, float] = {}
@@ -80,9 +90,11 @@ class CostLedger:
             row[f"cost/{p}_s"] = self.wall_s[p]
             row[f"cost/{p}_device_s"] = self.device_seconds(p)
             row[f"cost/nfe_{p}"] = self.nfe[p]
+            row[f"cost/flops_{p}"] = float(self.flops[p])
         row["cost/device_s"] = self.budget_device_seconds
         row["cost/gpu_hours"] = self.gpu_hours
         row["cost/nfe"] = self.budget_nfe
+        row["cost/flops"] = float(self.budget_flops)
         row["cost/images"] = self.images
         row["cost/world_size"] = self.world_size
         row["cost/reward_server_devices"] = self.reward_server_devices
@@ -90,11 +102,13 @@ class CostLedger:
 
     def state_dict(self) -> dict:
         return {"world_size": self.world_size, "device_kind": self.device_kind, "wall_s": dict(self.wall_s),
-                "nfe": dict(self.nfe), "images": self.images}
+                "nfe": dict(self.nfe), "flops": dict(self.flops), "images": self.images}
 
     def load_state_dict(self, state: dict) -> None:
         self.wall_s = {p: float(state["wall_s"][p]) for p in PHASES}
         self.nfe = {p: int(state["nfe"][p]) for p in PHASES}
+        # Checkpoints written before FLOPs were counted carry none: their count restarts at 0.
+        self.flops = {p: int(state.get("flops", {}).get(p, 0)) for p in PHASES}
         self.images = int(state["images"])
         # A resumed run may run on another world size; what was spent before keeps its own device-seconds.
         if state["world_size"] != self.world_size:

@@ -22,7 +22,7 @@ worker running `train` does not wait on itself)"""
 # compared with the run's config.yaml and a change is refused, naming the keys.
 RESUME_MAY_CHANGE = (
     "name", "output_dir",
-    "train.steps", "train.budget_gpu_hours", "train.budget_nfe", "train.threads",
+    "train.steps", "train.budget_gpu_hours", "train.budget_nfe", "train.budget_flops", "train.threads",
     "eval.every", "eval.images_per_prompt", "eval.sampler", "eval.rewards", "eval.batch_size", "eval.grid_prompts",
     "eval.seed",
     "checkpoint.every", "checkpoint.keep_last", "checkpoint.resume",

@@ -24,6 +24,7 @@ from diffrl_bench.config import accepts_argument, algo_config, resolve_sampler_o
 from diffrl_bench.distributed import Processes, make_accelerator, make_generators
 from diffrl_bench.ds_checkpoint import load_engine_state, save_engine_state, whole_state_dict
 from diffrl_bench.evaluate import EVAL_EMA, build_eval_rewards, eval_snapshot, evaluate
+from diffrl_bench.flops import BACKWARD_FACTOR, FlopMeter
 from diffrl_bench.headline import frame_has, headline_column, metric_column
 from diffrl_bench.ledger import CostLedger
 from diffrl_bench.models import THETA, build_policy, calls_per_velocity, index_condition
@@ -138,6 +139,8 @@ class Trainer:
         self.generators: Dict[str, torch.Generator] = make_generators(cfg.train.seed, self.rank)
         self.ledger = CostLedger(world_size=self.accelerator.num_processes, device_kind=_device_kind(self.accelerator),
                                  reward_server_devices=cfg.reward.server_devices)
+        # Model FLOPs per call, counted once per input shape (diffrl_bench/flops.py), charged where NFEs are.
+        self.flop_meter = FlopMeter(self.policy)
         self.sigmas = sigma_grid(cfg.rollout.sampler.grid, cfg.rollout.sampler.num_steps, cfg.rollout.sampler.shift)
         self.sampler = SAMPLERS.get(cfg.rollout.sampler.name)
         # Resolved once: the sampler's signature defaults under the config's options; the algorithm reads them on the batch.
@@ -237,7 +240,11 @@ class Trainer:
                                    keep_trajectory=request.keep_trajectory)
             for chunk, rollout, images in chunks:
                 # Every process samples an equal share: the ledger counts them all.
-                self.ledger.add_nfe("rollout", rollout.sample_nfe() * calls_per_velocity(cfg_scale) * self.world)
+                nfe = rollout.sample_nfe() * calls_per_velocity(cfg_scale)
+                self.ledger.add_nfe("rollout", nfe * self.world)
+                self.ledger.add_flops("rollout", self.world * (
+                    nfe * self.flop_meter.per_sample_forward(rollout.x0.shape, cond, rollout.x0.dtype)
+                    + self.flop_meter.decode_flops(rollout.x0.shape)))
                 if request.keep_x0:
                     x0s.append(rollout.x0)
                 if request.keep_trajectory:
@@ -318,6 +325,10 @@ class Trainer:
         item = items[0]
         calls = sum(calls_per_velocity(item.snapshot_cfg.get(s, item.cfg_scale)) for s in item.snapshots)
         self.ledger.add_nfe("train", passed * calls)
+        # Only theta's calls carry gradients (snapshots run under no_grad): they alone are backpropagated.
+        backward = calls_per_velocity(item.snapshot_cfg.get(THETA, item.cfg_scale)) if THETA in item.snapshots else 0
+        per_call = self.flop_meter.per_sample_forward(item.x.shape, batch.cond, item.x.dtype)
+        self.ledger.add_flops("train", passed * (calls + BACKWARD_FACTOR * backward) * per_call)
         return sums
 
     def optimize(self, batch: RolloutBatch) -> Dict[str, float]:
@@ -379,6 +390,7 @@ class Trainer:
                                             snapshot=eval_snapshot(self.cfg.eval), progress=self.progress,
                                             timeout_s=self.cfg.reward.timeout_s)
         self.ledger.add_nfe("eval", nfe)
+        self.ledger.add_flops("eval", self._eval_flops(nfe, images.shape[0]))
         n = min(self.cfg.eval.grid_prompts, len(self.eval_prompts))
         k = self.cfg.eval.images_per_prompt
         shown = min(GRID_IMAGES_PER_PROMPT, k)
@@ -393,6 +405,14 @@ class Trainer:
         headline = self.headline_key(lambda column: column in metrics)
         log.info("eval at step %d: %s = %.4f", self.step, headline, metrics.get(headline, float("nan")))
         return row
+
+    def _eval_flops(self, nfe: int, images: int) -> int:
+        """FLOPs of an evaluation's `nfe` velocity calls and `images` decodes; prompts encode to one shape."""
+        shape = (1, *self.policy.latent_shape)
+        if getattr(self, "_eval_cond", None) is None:
+            self._eval_cond = self.policy.encode_prompts([self.eval_prompts[0].text])
+        cond = self._eval_cond
+        return nfe * self.flop_meter.per_sample_forward(shape, cond) + images * self.flop_meter.decode_flops(shape)
 
     def headline_key(self, has: Callable[[str], bool]) -> str:
         """The headline column among those `has` accepts (diffrl_bench/headline.py: the report's rule too)."""
@@ -435,12 +455,13 @@ class Trainer:
         log.info("resumed from %s (step %d; %d later metric rows will be redone)", path, self.step, dropped)
 
     def finished(self) -> bool:
-        """The step limit, or a GPU-hour / NFE budget (when set), is reached."""
+        """The step limit, or a GPU-hour / NFE / FLOP budget (when set), is reached."""
         t = self.cfg.train
         if self.step >= t.steps:
             return True
         spent = (t.budget_gpu_hours > 0 and self.ledger.gpu_hours >= t.budget_gpu_hours) or (
-            t.budget_nfe > 0 and self.ledger.budget_nfe >= t.budget_nfe)
+            t.budget_nfe > 0 and self.ledger.budget_nfe >= t.budget_nfe) or (
+            t.budget_flops > 0 and self.ledger.budget_flops >= t.budget_flops)
         # Each process times itself; the main process decides for all, or they would stop at different steps.
         return self.processes.broadcast_flag(spent)
 

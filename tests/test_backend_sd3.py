@@ -276,12 +276,18 @@ def test_trainer_runs_nft_on_the_sd3_backend_and_resumes(tiny_sd3, tmp_path):
         torch.testing.assert_close(p, decay * old_before[k] + (1 - decay) * theta[k].detach())
     with torch.no_grad():
         torch.testing.assert_close(policy.velocity(x, sigma, cond, snapshot="ref"), v_ref_before, rtol=0, atol=0)
+    # The ledger's FLOPs: the transformer's calls plus the VAE decoder's (a real network here, unlike the toy's).
+    meter, shape = trainer.flop_meter, (1, *policy.latent_shape)
+    decode = meter.decode_flops(shape)
+    assert decode > 0 and meter.measurements == 2  # one forward shape, one decode shape: cached after that
+    assert trainer.ledger.flops["rollout"] == (trainer.ledger.nfe["rollout"] * meter.per_sample_forward(shape, cond)
+                                               + 2 * 8 * decode)  # 2 steps x 8 images
     trainer.save()
     trainer.reward.close()
     trainer.release_run_dir()  # the run directory's lock, which run() releases when a run ends
 
     resumed = Trainer(load_config("toy_nft", overrides), progress=False)
-    assert resumed.step == 2
+    assert resumed.step == 2 and resumed.ledger.flops == trainer.ledger.flops
     for adapter in ("default", "old"):
         for k, p in resumed.policy.lora.params(adapter).items():
             assert torch.equal(p, policy.lora.params(adapter)[k]), (adapter, k)

@@ -68,3 +68,20 @@ def test_reward_server_devices_are_charged_for_the_budget_phases_only():
     assert ledger.gpu_hours == 9 * 160.0 / 3600
     assert ledger.device_seconds("eval") == 8 * 40.0
     assert ledger.columns()["cost/reward_server_devices"] == 1
+
+
+def test_flops_accumulate_per_phase_round_trip_and_eval_stays_out_of_budget():
+    ledger = CostLedger(world_size=2)
+    ledger.add_flops("rollout", 10**15)
+    ledger.add_flops("train", 3 * 10**15)
+    ledger.add_flops("eval", 7 * 10**15)
+    row = ledger.columns()
+    assert row["cost/flops"] == 4e15 and row["cost/flops_eval"] == 7e15 and row["cost/flops_reward"] == 0
+    restored = CostLedger(world_size=1)  # FLOPs are work done, not device time: a world-size change keeps them
+    restored.load_state_dict(ledger.state_dict())
+    assert restored.flops == ledger.flops and restored.budget_flops == 4 * 10**15
+    # A checkpoint written before the ledger counted FLOPs resumes with a count of 0.
+    old = ledger.state_dict()
+    del old["flops"]
+    restored.load_state_dict(old)
+    assert restored.budget_flops == 0 and restored.nfe == ledger.nfe

@@ -140,8 +140,9 @@ def test_phase_breakdown_reads_the_last_row_in_hours():
 EVAL_EVERY, STEPS = 10, 40
 
 
-def _write_run(directory, *, name, seed, slope, gpu_rate, nfe_rate, arm_json=None, strict=True):
-    """A run whose headline is 0.1 + slope * step, with costs linear in the step (rates per step)."""
+def _write_run(directory, *, name, seed, slope, gpu_rate, nfe_rate, arm_json=None, strict=True, flops_rate=None):
+    """A run whose headline is 0.1 + slope * step, with costs linear in the step (rates per step); `cost/flops`
+    only with a `flops_rate` (runs logged before the ledger counted FLOPs have none)."""
     directory.mkdir(parents=True)
     rows = []
     for step in range(STEPS + 1):
@@ -157,6 +158,8 @@ def _write_run(directory, *, name, seed, slope, gpu_rate, nfe_rate, arm_json=Non
             # Partial credit sits higher: if the report picked it instead of the strict form, the numbers would move.
             row["eval/score.task_mean"] = 0.15 + slope * step
             row["eval/natural.task_mean"] = 0.98 - 0.001 * step
+        if flops_rate is not None:
+            row["cost/flops"] = flops_rate * step
         rows.append(row)
     pd.DataFrame(rows).to_csv(directory / "metrics.csv", index=False)
     (directory / "config.yaml").write_text(
@@ -443,3 +446,31 @@ def test_the_specs_baseline_is_kept_when_finished(tmp_path):
     analysis = report.analyse(root, n_boot=20)
     assert analysis.baseline == "nft" and analysis.baseline_reason == "the sweep spec's baseline"
     assert not any("not finished" in n for n in analysis.notes)
+
+
+def test_flops_is_a_cost_axis_when_every_run_has_it_and_a_flops_sweep_judges_claims_in_flops(tmp_path):
+    from diffrl_bench.report.completeness import spec_budget_cost
+    from diffrl_bench.report.runs import cost_axes
+
+    root = tmp_path / "sweep"
+    for seed in range(2):
+        for arm, rate in (("nft", 1e12), ("flow_grpo", 2e12)):
+            _write_run(root / arm / f"seed{seed}", name=f"{arm}_seed{seed}", seed=seed, slope=0.01, gpu_rate=0.01,
+                       nfe_rate=10, arm_json={"arm": arm, "seed": seed}, flops_rate=rate)
+    analysis = report.analyse(root, n_boot=20)
+    assert [axis[0] for axis in cost_axes(analysis.runs)][-1] == "cost/flops"
+    run = next(r for r in analysis.runs if r.arm == "flow_grpo")
+    assert run.eval_points("eval/score.strict.task_mean")["cost/flops"].tolist() == [2e12 * s for s in range(0, 41, 10)]
+    out = tmp_path / "out"
+    text = write_report(root, out, n_boot=20).read_text()
+    assert "](reward_vs_flops.png)" in text and (out / "reward_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
+    # One run without the column (logged before FLOPs were counted): no FLOP axis rather than a broken one.
+    _write_run(root / "nft" / "seed2", name="nft_seed2", seed=2, slope=0.01, gpu_rate=0.01, nfe_rate=10,
+               arm_json={"arm": "nft", "seed": 2})
+    assert "cost/flops" not in [axis[0] for axis in cost_axes(report.analyse(root, n_boot=20).runs)]
+
+    assert spec_budget_cost(root) is None  # no sweep.json
+    (root / "sweep.json").write_text(json.dumps({"sweeps": {"s": {"spec": {"budget": {"flops": 4e13}}}}}))
+    assert spec_budget_cost(root) == "flops"
+    (root / "sweep.json").write_text(json.dumps({"sweeps": {"s": {"spec": {"budget": {"gpu_hours": 0.1}}}}}))
+    assert spec_budget_cost(root) is None

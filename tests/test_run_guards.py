@@ -32,6 +32,7 @@ from diffrl_bench.train import Trainer, train
                                                   "reward 'toy_geneval' has no option 'strict_weigth'"),
     ("name=../../x", r"bad config key 'name': '../../x' is not a plain folder name"),
     ("name=a/b", r"bad config key 'name': 'a/b' is not a plain folder name"),
+    ("train.budget_flops=-1e12", r"bad config key 'train.budget_flops': must be non-negative \(0: no limit\)"),
 ])
 def test_out_of_range_values_name_their_key(override, message):
     with pytest.raises(ConfigError, match=message):

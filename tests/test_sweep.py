@@ -82,6 +82,22 @@ def test_expansion_crosses_arms_seeds_and_grid_and_maps_the_budget(tmp_path, tin
         assert (cfg.train.steps, cfg.train.budget_gpu_hours, cfg.train.budget_nfe) == expected
 
 
+def test_a_flops_budget_maps_to_budget_flops_and_a_bad_one_names_the_key(tmp_path, tiny_model_dir):
+    spec = load_spec(make_spec(tmp_path, tiny_model_dir, budget={"flops": 2.5e12, "max_steps": 30}))
+    cfg = validate_runs(spec, expand(spec))["a/seed0"]
+    assert (cfg.train.steps, cfg.train.budget_flops, cfg.train.budget_gpu_hours, cfg.train.budget_nfe) == (
+        30, 2.5e12, 0.0, 0)
+    # Written as a spec author would (OmegaConf's YAML reads 1e12 as a number, unlike plain YAML 1.1).
+    path = make_spec(tmp_path, tiny_model_dir)
+    path.write_text(path.read_text().replace("steps: 2", "flops: 1e12"))
+    assert load_spec(path).budget == {"flops": 1e12}
+    with pytest.raises(SweepError, match=r"budget\.flops: must be a positive number, got 'lots'"):
+        load_spec(make_spec(tmp_path, tiny_model_dir, budget={"flops": "lots"}))
+    for bad in ({"flops": -1.0}, {"flops": 1e12, "nfe": 10}):
+        with pytest.raises(SweepError, match="budget"):
+            load_spec(make_spec(tmp_path, tiny_model_dir, budget=bad))
+
+
 def test_override_values_survive_the_dotlist_round_trip():
     from omegaconf import OmegaConf
 

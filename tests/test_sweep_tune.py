@@ -123,6 +123,7 @@ def test_trial_budget_and_config():
     assert trial_budget(tune, {"gpu_hours": 0.03, "max_steps": 500}) == {"gpu_hours": pytest.approx(0.0075),
                                                                          "max_steps": 500}
     assert trial_budget(tune, {"nfe": 10}) == {"nfe": 2}          # round(2.5) -> 2, still an integer
+    assert trial_budget(tune, {"flops": 4e12}) == {"flops": pytest.approx(1e12)}  # a FLOP budget scales too
     trial = expand_trials(tune, ["nft"])[0]
     config = trial_config(tune, trial, "toy:train")
     assert parse_split_source(config["data.eval_prompts"]) == ("toy:train", "val", 0.25, 1)

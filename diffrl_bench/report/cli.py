@@ -7,6 +7,7 @@ from typing import List, Optional
 
 from diffrl_bench.report.analysis import analyse
 from diffrl_bench.report.claims import COSTS, load_claims
+from diffrl_bench.report.completeness import spec_budget_cost
 from diffrl_bench.report.errors import ReportError
 from diffrl_bench.report.output import write_analysis
 from diffrl_bench.report.verdicts import evaluate_claims
@@ -41,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="published-claim files (sweeps/claims/*.yaml, or a folder of them) to give a verdict "
                              "on: writes claims.md, claims.csv and claims_threshold_curves.png")
     parser.add_argument("--claims-cost", default=None, choices=sorted(COSTS),
-                        help="judge every claim in this cost unit (default: each claim's own `cost`)")
+                        help="judge every claim in this cost unit (default: flops when the sweep budgeted in "
+                             "FLOPs, else each claim's own `cost`)")
     parser.add_argument("--claims-min-seeds", type=int, default=3,
                         help="fewest seeds per arm for a claim verdict; fewer gives 'inconclusive' (3)")
     parser.add_argument("--claims-power", type=float, default=0.8,
@@ -64,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         if claims:
             verdicts = evaluate_claims(analysis.runs, analysis.headline, claims, n_boot=args.n_boot,
                                        level=args.level, seed=args.seed, min_seeds=args.claims_min_seeds,
-                                       power=args.claims_power, cost=args.claims_cost)
+                                       power=args.claims_power,
+                                       cost=args.claims_cost or spec_budget_cost(args.results_dir))
         report = write_analysis(analysis, args.out, claims=verdicts)
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)

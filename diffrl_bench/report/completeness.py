@@ -42,3 +42,19 @@ def spec_baseline(results_dir) -> Optional[str]:
         raise ReportError(f"{path}: the sweeps recorded there name different baselines {sorted(named)}; "
                           f"pass --baseline ARM")
     return next(iter(named), None)
+
+
+def spec_budget_cost(results_dir) -> Optional[str]:
+    """`flops` when the sweep(s) recorded in `results_dir/sweep.json` budget every run in FLOPs, else None.
+
+    Such a sweep gave every arm the same compute rather than the same wall time, so its claims are judged in FLOPs
+    (device-hours on a shared machine then measure the load as much as the method)."""
+    path = Path(results_dir) / "sweep.json"
+    if not path.exists():
+        return None
+    try:
+        sweeps = json.loads(path.read_text()).get("sweeps", {})
+        budgets = [(s.get("spec") or {}).get("budget") or {} for s in sweeps.values()]
+    except (ValueError, AttributeError) as error:
+        raise ReportError(f"cannot read {path}: {error}") from error
+    return "flops" if budgets and all("flops" in b for b in budgets) else None

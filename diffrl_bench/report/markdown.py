@@ -8,7 +8,7 @@ import numpy as np
 
 from diffrl_bench.ledger import BUDGET_PHASES
 from diffrl_bench.report.analysis import Analysis
-from diffrl_bench.report.runs import AXES, COST_UNITS, MISSING, RunResult, config_value
+from diffrl_bench.report.runs import AXES, COST_UNITS, MISSING, OPTIONAL_AXES, RunResult, config_value
 from diffrl_bench.report.wording import format_number, format_threshold, short_name
 
 
@@ -156,7 +156,7 @@ def render_markdown(analysis: Analysis, figures: Dict[str, str], claims=None) ->
     if a.ablation is not None:
         out += _ablation_markdown(a)
     out += ["## Eval score vs cost", ""]
-    for column, label, stem in AXES:
+    for column, label, stem in AXES + OPTIONAL_AXES:
         name = figures.get(f"curves_{stem}")
         if name:
             out += [f"![eval score vs {stem}]({name})", "",

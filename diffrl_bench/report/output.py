@@ -10,7 +10,7 @@ from diffrl_bench.fileio import atomic_write
 from diffrl_bench.report.analysis import Analysis, analyse
 from diffrl_bench.report.figures import plot_cost_breakdown, plot_cost_to_threshold, plot_curves
 from diffrl_bench.report.markdown import render_markdown
-from diffrl_bench.report.runs import AXES
+from diffrl_bench.report.runs import cost_axes
 from diffrl_bench.report.claims_output import write_claims
 from diffrl_bench.report.verdicts import ClaimsResult
 
@@ -37,7 +37,7 @@ def write_analysis(analysis: Analysis, out_dir=None, claims: Optional[ClaimsResu
     out = Path(out_dir) if out_dir is not None else analysis.results_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     figures = {}
-    for axis in AXES:
+    for axis in cost_axes(analysis.runs):
         name = f"reward_vs_{axis[2]}.png"
         plot_curves(analysis, axis, out / name)
         figures[f"curves_{axis[2]}"] = name

@@ -20,6 +20,10 @@ AXES = (
     ("cost/nfe", "NFEs (network evaluations per sample; rollout + reward + train)", "nfe"),
     ("train/optimizer_steps", "optimizer steps", "optimizer_steps"),
 )
+# Axes drawn when every run has the column: runs logged before the ledger counted FLOPs have none.
+OPTIONAL_AXES = (
+    ("cost/flops", "model FLOPs (forward 1x, backward 2x: diffrl_bench/flops.py; rollout + reward + train)", "flops"),
+)
 # Costs to threshold are reported in these two units (the papers' units).
 COST_UNITS = (("cost/gpu_hours", "gpu_hours", "GPU-hours"), ("cost/nfe", "nfe", "NFEs"))
 
@@ -39,7 +43,13 @@ class RunResult:
     def eval_points(self, column: str) -> pd.DataFrame:
         """Eval rows (where `column` has a value) with the cost axes, in step order."""
         rows = self.frame[self.frame[column].notna()]
-        return rows[["step", column] + [axis for axis, _, _ in AXES]]
+        axes = [axis for axis, _, _ in AXES + OPTIONAL_AXES if axis in self.frame]
+        return rows[["step", column] + axes]
+
+
+def cost_axes(runs: Sequence[RunResult]) -> tuple:
+    """The axes the curves are drawn against: `AXES`, and each of `OPTIONAL_AXES` that every run has."""
+    return AXES + tuple(axis for axis in OPTIONAL_AXES if all(axis[0] in run.frame for run in runs))
 
 
 _SEED_SUFFIX = re.compile(r"_seed(\d+)$")

@@ -18,17 +18,20 @@ from diffrl_bench.sweep.tune import TuneError, TuneSpec, parse_tune
 # only when it is listed under `ablate`. Whole sections are prefixes; the rest are exact keys.
 FAIRNESS_SECTIONS = ("model", "reward", "data", "eval")
 FAIRNESS_KEYS = ("rollout.images_per_prompt", "rollout.prompts_per_step", "train.steps", "train.budget_gpu_hours",
-                 "train.budget_nfe")
-BUDGET_TARGETS = {"steps": "train.steps", "gpu_hours": "train.budget_gpu_hours", "nfe": "train.budget_nfe"}
+                 "train.budget_nfe", "train.budget_flops")
+BUDGET_TARGETS = {"steps": "train.steps", "gpu_hours": "train.budget_gpu_hours", "nfe": "train.budget_nfe",
+                  "flops": "train.budget_flops"}
+# Budgets that may be fractional; the others count whole steps or network calls.
+REAL_BUDGETS = ("gpu_hours", "flops")
 # Keys the sweep sets per run; a spec that set them would break the run folder layout or resumption.
 RUN_KEYS = ("name", "output_dir", "train.seed", "checkpoint.resume", "log.group", "log.tags")
-# A budget in GPU-hours or NFEs stops the run; train.steps then only has to be out of the way.
+# A budget in GPU-hours, NFEs or FLOPs stops the run; train.steps then only has to be out of the way.
 DEFAULT_MAX_STEPS = 1_000_000
 
 SPEC_KEYS = ("name", "results_dir", "seeds", "budget", "fairness", "common", "arms", "grid", "ablate", "baseline",
              "executor", "tune", "per_arm")
 ARM_KEYS = ("config", "overrides")
-BUDGET_KEYS = ("steps", "gpu_hours", "nfe", "max_steps")
+BUDGET_KEYS = ("steps", "gpu_hours", "nfe", "flops", "max_steps")
 EXECUTOR_KEYS = ("kind", "parallel", "launcher", "num_processes", "launcher_args", "parameters", "cluster")
 EXECUTOR_KINDS = ("sequential", "local", "slurm")
 LAUNCHERS = ("python", "accelerate")
@@ -104,7 +107,7 @@ class Spec:
 
 def budget_overrides(budget: Dict[str, Any]) -> Dict[str, Any]:
     """A `budget:` mapping as config keys (the sweep's, or a tuning trial's share of it)."""
-    values: Dict[str, Any] = {"train.budget_gpu_hours": 0.0, "train.budget_nfe": 0}
+    values: Dict[str, Any] = {"train.budget_gpu_hours": 0.0, "train.budget_nfe": 0, "train.budget_flops": 0.0}
     kind = next(k for k in BUDGET_TARGETS if k in budget)
     values[BUDGET_TARGETS[kind]] = budget[kind]
     if kind != "steps":
@@ -226,15 +229,17 @@ def load_spec(path: str | Path) -> Spec:
     _check_keys(spec_path, "budget", budget, BUDGET_KEYS)
     kinds = [k for k in BUDGET_TARGETS if k in budget]
     if len(kinds) != 1:
-        raise spec_error(spec_path, "budget", f"give exactly one of steps, gpu_hours, nfe (got {kinds or 'none'})")
+        raise spec_error(spec_path, "budget", f"give exactly one of steps, gpu_hours, nfe, flops "
+                                              f"(got {kinds or 'none'})")
     value = budget[kinds[0]]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or \
-            (kinds[0] != "gpu_hours" and not isinstance(value, int)):
-        kind = "number" if kinds[0] == "gpu_hours" else "integer"
+            (kinds[0] not in REAL_BUDGETS and not isinstance(value, int)):
+        kind = "number" if kinds[0] in REAL_BUDGETS else "integer"
         raise spec_error(spec_path, f"budget.{kinds[0]}", f"must be a positive {kind}, got {value!r}")
     if "max_steps" in budget and (kinds[0] == "steps" or not isinstance(budget["max_steps"], int)
                                   or budget["max_steps"] <= 0):
-        raise spec_error(spec_path, "budget.max_steps", "a positive integer cap, only with a gpu_hours or nfe budget")
+        raise spec_error(spec_path, "budget.max_steps",
+                         "a positive integer cap, only with a gpu_hours, nfe or flops budget")
 
     fairness = _mapping(spec_path, "fairness", raw.get("fairness"))
     common = _mapping(spec_path, "common", raw.get("common"))
@@ -325,7 +330,7 @@ def _check_fairness_rules(spec: Spec) -> None:
                 if where == "fairness":
                     if any(key_under(leaf, k) for k in BUDGET_TARGETS.values()):
                         raise spec_error(spec.path, f"fairness.{key}", "state the budget under `budget:` "
-                                                                 "(steps, gpu_hours or nfe)")
+                                                                 "(steps, gpu_hours, nfe or flops)")
                     continue
                 if where == "common":
                     if touches_fairness(leaf):

@@ -231,7 +231,7 @@ def expand_trials(tune: TuneSpec, arms: Sequence[str]) -> List[Trial]:
 
 
 def trial_budget(tune: TuneSpec, budget: Mapping[str, Any]) -> Dict[str, Any]:
-    """The sweep budget (`{gpu_hours: 0.03}`, `{nfe: ...}`, `{steps: ...}`) scaled by `budget_fraction`; integer
+    """The sweep budget (`{gpu_hours: 0.03}`, `{nfe: ...}`, `{flops: ...}`, `{steps: ...}`) scaled by `budget_fraction`; integer
     budgets stay integers (at least 1). `max_steps` is a cap, not a budget, and is kept."""
     out: Dict[str, Any] = {}
     for kind, value in budget.items():
