@@ -295,6 +295,14 @@ def validate(cfg: DictConfig) -> None:
             for option in sampler.options:
                 need(option in accepted, f"{key}.options.{option}",
                      f"sampler {sampler.name!r} has no option {option!r}; its options: {sorted(accepted)}")
+            # A sampler may check its option values at load time (the diffusers sampler: the scheduler and its config).
+            check = getattr(SAMPLERS.get(sampler.name), "check_options", None)
+            if check is not None:
+                try:
+                    check(resolve_sampler_options(sampler))
+                except ValueError as error:
+                    raise ConfigError(f"bad config key '{key}.options.{getattr(error, 'key', '?')}': "
+                                      f"{getattr(error, 'reason', error)}") from None
     for name, weight in cfg.reward.components.items():
         need(available(REWARDS, name, f"reward.components.{name}"), f"reward.components.{name}",
              f"unknown reward; known: {REWARDS.names()}")
