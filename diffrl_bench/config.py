@@ -46,7 +46,8 @@ class DataConfig:
 @dataclass
 class SamplerConfig:
     name: str = "dpm2"
-    """registered sampler: `euler` (ODE) or `dpm2` (DPM-Solver++(2M))"""
+    """registered sampler: `euler` (ODE), `dpm2` (DPM-Solver++(2M)), `flow_grpo_sde`, or `diffusers` (any diffusers
+    scheduler by class name, `options.scheduler`; diffrl_bench/diffusers_sampler.py)"""
     num_steps: int = 10
     """solver steps"""
     shift: float = 1.0
