@@ -26,7 +26,8 @@ import torch
 
 from diffrl_bench.advantages import group_mean_centered
 from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem, require
-from diffrl_bench.algorithms.transition_items import records_transitions, transition_items, transition_step
+from diffrl_bench.algorithms.transition_items import (records_transitions, sampler_kind, transition_items,
+                                                      transition_step)
 from diffrl_bench.config import resolve_sampler_options
 from diffrl_bench.registry import ALGORITHMS
 from diffrl_bench.sde import STEP_SET_OPTIONS, stochastic_steps
@@ -230,8 +231,8 @@ class FlowDPPO:
     def check_run(config: FlowDPPOConfig, run: Any) -> None:
         if not records_transitions(run):
             raise ValueError(f"bad config key 'rollout.sampler.name': flow_dppo trains on the per-step likelihoods "
-                             f"of a stochastic sampler, but {run.rollout.sampler.name!r} is a deterministic ODE "
-                             f"solver; use flow_grpo_sde")
+                             f"of a stochastic sampler, but {run.rollout.sampler.name!r} is "
+                             f"{sampler_kind(run)}; use flow_grpo_sde")
         options = resolve_sampler_options(run.rollout.sampler)
         sde_type = options.get("sde_type")
         try:  # the step set is drawn per rollout: try the first one now, so a bad pool fails at load time

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem, require
-from diffrl_bench.algorithms.transition_items import (check_trained_transitions, records_transitions,
+from diffrl_bench.algorithms.transition_items import (check_trained_transitions, records_transitions, sampler_kind,
                                                       placeholder_loss, trained_transition_steps, transition_items,
                                                       transition_step)
 from diffrl_bench.config import resolve_sampler_options
@@ -183,8 +183,8 @@ class GRPOGuard:
     def check_run(config: GRPOGuardConfig, run: Any) -> None:
         if not records_transitions(run):
             raise ValueError(f"bad config key 'rollout.sampler.name': grpo_guard trains on the per-step likelihoods "
-                             f"of a stochastic sampler, but {run.rollout.sampler.name!r} is a deterministic ODE "
-                             f"solver; use flow_grpo_sde")
+                             f"of a stochastic sampler, but {run.rollout.sampler.name!r} is "
+                             f"{sampler_kind(run)}; use flow_grpo_sde")
         sde_type = resolve_sampler_options(run.rollout.sampler).get("sde_type")
         # The ratio norm divides by the SDE's std_t sqrt(-dt); CPS's std has another meaning and no released recipe.
         if config.rationorm:

@@ -30,7 +30,7 @@ from diffrl_bench.algorithms.checks import (GRID_TIME_DISTRIBUTIONS, check_decay
 from diffrl_bench.algorithms.estimators import ESTIMATORS, guidance_divisor
 from diffrl_bench.algorithms.forward_items import forward_process_items
 from diffrl_bench.algorithms.objectives import OBJECTIVES, advantage_scale, parse_advantage
-from diffrl_bench.algorithms.transition_items import (check_trained_transitions, records_transitions,
+from diffrl_bench.algorithms.transition_items import (check_trained_transitions, records_transitions, sampler_kind,
                                                       trained_transition_steps, transition_items)
 from diffrl_bench.flow import mean_chw
 from diffrl_bench.registry import ALGORITHMS
@@ -130,7 +130,7 @@ class ELBOPolicyGradient:
         if ESTIMATORS.get(config.estimator).kind == "trajectory":
             if not records_transitions(run):
                 raise OptionError("estimator", f"the trajectory estimator needs a stochastic sampler's transition "
-                                               f"densities; {run.rollout.sampler.name} is a deterministic ODE solver, "
+                                               f"densities; {run.rollout.sampler.name} is {sampler_kind(run)}, "
                                                f"whose steps have no density (use rollout.sampler.name=flow_grpo_sde, "
                                                f"or a forward estimator such as elbo_adaptive, which needs only the "
                                                f"final sample)")

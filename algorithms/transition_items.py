@@ -24,6 +24,12 @@ def records_transitions(run: Any) -> bool:
     return bool(getattr(SAMPLERS.get(run.rollout.sampler.name), "records_transitions", False))
 
 
+def sampler_kind(run: Any) -> str:
+    """What the run's rollout sampler is, for the refusal of a method that needs transition densities."""
+    sampler = SAMPLERS.get(run.rollout.sampler.name)
+    return getattr(sampler, "kind", "a deterministic ODE solver, whose steps have no density")
+
+
 def trained_transition_steps(run: Any, timestep_fraction: float) -> int:
     """How many sampler steps a trajectory method records: every step of a window or step set, or the first
     int(N * fraction)."""

@@ -46,7 +46,8 @@ class DataConfig:
 @dataclass
 class SamplerConfig:
     name: str = "dpm2"
-    """registered sampler: `euler` (ODE) or `dpm2` (DPM-Solver++(2M))"""
+    """registered sampler: `euler` (ODE), `dpm2` (DPM-Solver++(2M)), `flow_grpo_sde`, or `diffusers` (any diffusers
+    scheduler by class name, `options.scheduler`; diffrl_bench/diffusers_sampler.py)"""
     num_steps: int = 10
     """solver steps"""
     shift: float = 1.0
@@ -298,6 +299,14 @@ def validate(cfg: DictConfig) -> None:
             for option in sampler.options:
                 need(option in accepted, f"{key}.options.{option}",
                      f"sampler {sampler.name!r} has no option {option!r}; its options: {sorted(accepted)}")
+            # A sampler may check its option values at load time (the diffusers sampler: the scheduler and its config).
+            check = getattr(SAMPLERS.get(sampler.name), "check_options", None)
+            if check is not None:
+                try:
+                    check(resolve_sampler_options(sampler))
+                except ValueError as error:
+                    raise ConfigError(f"bad config key '{key}.options.{getattr(error, 'key', '?')}': "
+                                      f"{getattr(error, 'reason', error)}") from None
     for name, weight in cfg.reward.components.items():
         need(available(REWARDS, name, f"reward.components.{name}"), f"reward.components.{name}",
              f"unknown reward; known: {REWARDS.names()}")

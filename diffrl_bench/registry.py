@@ -25,7 +25,7 @@ T = TypeVar("T")
 _BUILTIN_PACKAGES = {
     "algorithms": ("diffrl_bench.algorithms",),
     "rewards": ("diffrl_bench.rewards",),
-    "samplers": ("diffrl_bench.sampling", "diffrl_bench.sde"),
+    "samplers": ("diffrl_bench.sampling", "diffrl_bench.sde", "diffrl_bench.diffusers_sampler"),
     "models": ("diffrl_bench.toy.model", "diffrl_bench.backends"),
 }
 

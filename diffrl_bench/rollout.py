@@ -48,14 +48,18 @@ def sample_chunks(policy, condition: Callable[[slice], Any], noise: torch.Tensor
             field = StateRecorder(velocity) if keep_trajectory else velocity
             rollout = sampler(field, noise[chunk].to(policy.device), sigmas, **kwargs)
             if keep_trajectory:
-                rollout.trajectory = _trajectory(field, rollout, len(sigmas) - 1)
+                rollout.trajectory = _trajectory(field, rollout, sigmas)
             images = policy.decode(rollout.x0).cpu()
         yield chunk, rollout, images
 
 
-def _trajectory(recorder: StateRecorder, rollout: Rollout, num_steps: int) -> torch.Tensor:
+def _trajectory(recorder: StateRecorder, rollout: Rollout, sigmas: torch.Tensor) -> torch.Tensor:
     """The recorded states plus the final sample, checked to be one whole-chunk state per grid step."""
+    num_steps = len(sigmas) - 1
     rows = rollout.x0.shape[0]
+    if not torch.equal(rollout.sigmas.to(sigmas), sigmas):
+        raise ValueError("keep_trajectory stores latents at the rollout grid's times, but the sampler integrated over "
+                         "another grid (the diffusers sampler's first_sigma / last_sigma_ratio edit it)")
     if len(recorder.states) != num_steps or any(state.shape[0] != rows for state in recorder.states):
         raise ValueError(f"keep_trajectory needs a sampler that evaluates the model once per step on every row; "
                          f"got {len(recorder.states)} evaluations for {num_steps} steps")
