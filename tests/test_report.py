@@ -385,6 +385,11 @@ def test_evaluated_weights_are_stated_and_a_mismatch_is_flagged(tmp_path):
     mixed = report.evaluated_weights([ema[0], run("b", 0, {"ema_decay": 0.0}), run("b", 1, {})])
     assert mixed.startswith("**Evaluated weights differ between arms**")
     assert "(decay 0.9, updated every 8 optimizer step(s)) for a; theta for b." in mixed
+    # Flow-GRPO's two moves per update and CRD's RL-step clock are named, so the two read as different settings
+    clocks = report.evaluated_weights([run("f", 0, {"ema_decay": 0.9, "ema_every": 8, "ema_updates_per_event": 2}),
+                                       run("c", 0, {"ema_decay": 0.995, "ema_every": 10, "ema_unit": "rl_step"})])
+    assert "(decay 0.9, updated every 8 optimizer step(s), 2 moves each) for f" in clocks
+    assert "(decay 0.995, updated every 10 RL step(s)) for c" in clocks
 
 
 def test_eval_cfg_and_precision_are_stated_per_arm(tmp_path):
