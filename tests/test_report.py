@@ -408,6 +408,10 @@ def test_eval_cfg_and_precision_are_stated_per_arm(tmp_path):
     assert cfg == "Evaluation per arm: CFG 1 for nft, crd; unrecorded for old."
     assert precision == ("Precision per arm: fp16 autocast, frozen weights float32 for nft; bf16 autocast, "
                          "frozen weights bfloat16 for crd; unrecorded for old.")
+    split = run("nft", 0, 1.0)
+    split.config["model"]["options"]["text_encoder_dtype"] = "float16"  # the originals' fp16 text encoders
+    assert report.arm_settings([split])[1] == ("Precision: fp16 autocast, frozen weights float32, text encoders "
+                                               "float16, for every arm.")
 
 
 def _half_finished_sweep(root):

@@ -102,9 +102,11 @@ def _eval_cfg(config: dict) -> str:
 def _precision(config: dict) -> str:
     autocast = config_value(config, "train.mixed_precision")
     weights = config_value(config, "model.options.dtype")
+    text = config_value(config, "model.options.text_encoder_dtype")
     if autocast is MISSING:
         return "unrecorded"
-    return f"{autocast} autocast" + ("" if weights is MISSING else f", frozen weights {weights}")
+    return f"{autocast} autocast" + ("" if weights is MISSING else f", frozen weights {weights}") + \
+        ("" if text is MISSING or not text else f", text encoders {text}")
 
 
 def arm_settings(runs: List[RunResult]) -> List[str]:
