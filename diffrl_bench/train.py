@@ -23,6 +23,7 @@ from diffrl_bench.checkpoint import load_checkpoint, newest_intact_checkpoint, s
 from diffrl_bench.config import accepts_argument, algo_config, resolve_sampler_options, save_config
 from diffrl_bench.distributed import Processes, make_accelerator, make_generators
 from diffrl_bench.ds_checkpoint import load_engine_state, save_engine_state, whole_state_dict
+from diffrl_bench.eval_ema import OPTIMIZER_STEP, RL_STEP, eval_ema_decays
 from diffrl_bench.evaluate import EVAL_EMA, build_eval_rewards, eval_snapshot, evaluate
 from diffrl_bench.headline import frame_has, headline_column, metric_column
 from diffrl_bench.ledger import CostLedger
@@ -38,7 +39,6 @@ from diffrl_bench.run_guards import (check_device, check_finite, check_model_pat
                                      is_main_launch_process, lock_run_dir)
 from diffrl_bench.runlog import MetricsLog, run_info
 from diffrl_bench.sampling import Transitions, sigma_grid
-from diffrl_bench.eval_ema import OPTIMIZER_STEP, RL_STEP, eval_ema_decays
 from diffrl_bench.trackers import Trackers
 
 log = logging.getLogger("diffrl_bench")
