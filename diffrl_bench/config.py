@@ -165,9 +165,19 @@ class EvalConfig:
     ema_decay: float = 0.0
     """when > 0, evaluate (and export) an exponential moving average of theta's weights instead of theta, as the
     originals do (Flow-GRPO: 0.9): the `eval_ema` snapshot, moved towards theta with decay
-    `min(ema_decay, (1 + n) / (10 + n))` after every `ema_every`-th optimizer step n"""
+    `min(ema_decay, (1 + n) / (10 + n))` after every `ema_every`-th optimizer step n (by default; the `ema_*`
+    keys below set the originals' other clocks)"""
     ema_every: int = 1
-    """optimizer steps between updates of the evaluation EMA (Flow-GRPO: 8)"""
+    """units (`ema_unit`) between updates of the evaluation EMA (Flow-GRPO: 8 optimizer steps; CRD: 10 RL steps)"""
+    ema_unit: str = "optimizer_step"
+    """what `ema_every` counts: `optimizer_step` or `rl_step` (Flow-Factory's CRD steps its EMA once per RL step,
+    the warm-up counting RL steps too); diffrl_bench/eval_ema.py states the whole rule"""
+    ema_phase: int = 0
+    """update after the c-th unit when (c + ema_phase) % ema_every == 0; Flow-GRPO's `(n + 1) % 8` is phase 1"""
+    ema_warmup_offset: int = 0
+    """the warm-up counter is n = c + ema_warmup_offset; -1 counts from 0 as Flow-Factory's 0-based RL step"""
+    ema_updates_per_event: int = 1
+    """moves towards theta per update (Flow-GRPO: 2, one per micro-batch at the same optimizer step)"""
 
 
 @dataclass
@@ -322,6 +332,14 @@ def validate(cfg: DictConfig) -> None:
         check_reward_options(name, options)
     need(0 <= cfg.eval.ema_decay < 1, "eval.ema_decay", f"{cfg.eval.ema_decay} is not in [0, 1) (0: evaluate theta)")
     need(cfg.eval.ema_every >= 1, "eval.ema_every", "must be at least 1")
+    from diffrl_bench.eval_ema import EMA_UNITS
+
+    need(cfg.eval.ema_unit in EMA_UNITS, "eval.ema_unit", f"{cfg.eval.ema_unit!r} is not one of {list(EMA_UNITS)}")
+    need(0 <= cfg.eval.ema_phase < cfg.eval.ema_every, "eval.ema_phase",
+         f"{cfg.eval.ema_phase} is not in [0, eval.ema_every = {cfg.eval.ema_every})")
+    need(cfg.eval.ema_warmup_offset >= -1, "eval.ema_warmup_offset",
+         f"{cfg.eval.ema_warmup_offset} is below -1 (the warm-up counter must start at 0 or later)")
+    need(cfg.eval.ema_updates_per_event >= 1, "eval.ema_updates_per_event", "must be at least 1")
     need(cfg.reward.server_devices >= 0, "reward.server_devices", "must be non-negative")
     need(cfg.reward.worker in ("thread", "inline"), "reward.worker", f"{cfg.reward.worker!r} is not 'thread' or 'inline'")
     need(cfg.advantage.std in ("global", "group"), "advantage.std", f"{cfg.advantage.std!r} is not 'global' or 'group'")

@@ -93,9 +93,3 @@ def soft_update_(
         raise ValueError(f"{len(targets)} target tensors but {len(sources)} source tensors")
     for phi, theta in zip(targets, sources):
         phi.lerp_(theta.to(dtype=phi.dtype, device=phi.device), 1.0 - decay)
-
-
-def eval_ema_decay(max_decay: float, optimizer_step: int) -> float:
-    """The evaluation EMA's decay after optimizer step n: `min(max_decay, (1 + n) / (10 + n))`, the warm-up of the
-    EMA that Flow-GRPO evaluates, so early averages are not dominated by the base weights."""
-    return min(max_decay, (1 + optimizer_step) / (10 + optimizer_step))

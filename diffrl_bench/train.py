@@ -23,6 +23,7 @@ from diffrl_bench.checkpoint import load_checkpoint, newest_intact_checkpoint, s
 from diffrl_bench.config import accepts_argument, algo_config, resolve_sampler_options, save_config
 from diffrl_bench.distributed import Processes, make_accelerator, make_generators
 from diffrl_bench.ds_checkpoint import load_engine_state, save_engine_state, whole_state_dict
+from diffrl_bench.eval_ema import OPTIMIZER_STEP, RL_STEP, eval_ema_decays
 from diffrl_bench.evaluate import EVAL_EMA, build_eval_rewards, eval_snapshot, evaluate
 from diffrl_bench.flops import BACKWARD_FACTOR, FlopMeter
 from diffrl_bench.headline import frame_has, headline_column, metric_column
@@ -39,7 +40,6 @@ from diffrl_bench.run_guards import (check_device, check_finite, check_model_pat
                                      is_main_launch_process, lock_run_dir)
 from diffrl_bench.runlog import MetricsLog, run_info
 from diffrl_bench.sampling import Transitions, sigma_grid
-from diffrl_bench.schedules import eval_ema_decay
 from diffrl_bench.trackers import Trackers
 
 log = logging.getLogger("diffrl_bench")
@@ -350,9 +350,7 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer_steps += 1
-            e = self.cfg.eval
-            if e.ema_decay > 0 and self.optimizer_steps % e.ema_every == 0:
-                self.policy.update_snapshot(EVAL_EMA, eval_ema_decay(e.ema_decay, self.optimizer_steps))
+            self._step_eval_ema(OPTIMIZER_STEP, self.optimizer_steps)
         decays = {}
         for name, schedule in self.algo.snapshots.items():
             if schedule is not None:
@@ -365,12 +363,18 @@ class Trainer:
         row["train/optimizer_steps"] = self.optimizer_steps
         return row
 
+    def _step_eval_ema(self, unit: str, count: int) -> None:
+        """Move the evaluation EMA after the `count`-th completed `unit`, on the clock `eval.ema_*` sets."""
+        for decay in eval_ema_decays(self.cfg.eval, unit, count):
+            self.policy.update_snapshot(EVAL_EMA, decay)
+
     def rl_step(self) -> Dict[str, float]:
         start = time.perf_counter()
         batch = self.collect()
         with self.ledger.phase("train"):
             row = self.optimize(batch)
         self.step += 1
+        self._step_eval_ema(RL_STEP, self.step)
         row["step"] = self.step
         # Every process's scores were gathered once, in collect: logging needs no further collective.
         rewards = batch.step_scores[WeightedReward.TOTAL]

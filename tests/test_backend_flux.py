@@ -118,6 +118,15 @@ def test_full_finetuning_and_random_init(tiny_flux):
 
 
 @pytest.mark.slow
+def test_text_encoder_dtype_casts_only_the_text_encoders(tiny_flux):
+    backend = make(tiny_flux, dtype="float32", text_encoder_dtype="float16")
+    assert {p.dtype for p in backend.pipe.text_encoder.parameters()} == {torch.float16}
+    assert {p.dtype for p in backend.pipe.text_encoder_2.parameters()} == {torch.float16}
+    assert {p.dtype for p in backend.transformer.parameters()} == {torch.float32}
+    assert {p.dtype for p in backend.vae.parameters()} == {torch.float32}
+    assert backend.encode_prompts(PROMPTS)["prompt_embeds"].dtype == torch.float32
+
+
 def test_trainer_step_on_the_flux_backend(tiny_flux, tmp_path):
     from diffrl_bench.config import load_config
     from diffrl_bench.train import Trainer

@@ -217,6 +217,25 @@ def test_full_finetuning_keeps_ref_in_the_frozen_dtype(tiny_sd3):
     torch.testing.assert_close(v_ref, v_theta, rtol=0.1, atol=0.1)  # the same weights, rounded to bf16
 
 
+def test_text_encoder_dtype_casts_only_the_text_encoders(tiny_sd3):
+    # The originals' split (flow_grpo scripts/train_sd3.py:409-415): fp16 text encoders, fp32 transformer and VAE.
+    backend = make(tiny_sd3, dtype="float32", text_encoder_dtype="float16")
+    pipe = backend.pipe
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        assert {p.dtype for p in getattr(pipe, name).parameters()} == {torch.float16}, name
+    assert {p.dtype for p in backend.transformer.parameters()} == {torch.float32}
+    assert {p.dtype for p in backend.vae.parameters()} == {torch.float32}
+    cond = backend.encode_prompts(PROMPTS)
+    assert cond["prompt_embeds"].dtype == torch.float32  # handed to the transformer in `dtype`
+    reference = make(tiny_sd3, dtype="float32").encode_prompts(PROMPTS)
+    # the fp16 encoders ran: the same numbers to half precision, but rounded (not the fp32 encoders' bits)
+    for key in cond:
+        torch.testing.assert_close(cond[key], reference[key], rtol=2e-2, atol=2e-2)
+        assert not torch.equal(cond[key], reference[key])
+    # default: the text encoders follow `dtype`
+    assert next(make(tiny_sd3, dtype="bfloat16").pipe.text_encoder.parameters()).dtype == torch.bfloat16
+
+
 def test_random_init_needs_no_files_and_is_deterministic():
     a = MODELS.get("sd3")(path="random:tiny", device="cpu")
     b = MODELS.get("sd3")(path="random:tiny", device="cpu")
@@ -238,6 +257,8 @@ def test_options_are_validated(tiny_sd3):
         make(tiny_sd3, lora_rnak=4)
     with pytest.raises(ValueError, match="finetune"):
         make(tiny_sd3, finetune="partial")
+    with pytest.raises(ValueError, match="option text_encoder_dtype='half' is not one of"):
+        make(tiny_sd3, text_encoder_dtype="half")
     with pytest.raises(ValueError, match="multiple of 4"):
         make(tiny_sd3, resolution=18)
     assert make(tiny_sd3, resolution=32, lora_rank=4).latent_shape == (4, 16, 16)

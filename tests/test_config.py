@@ -37,6 +37,10 @@ def test_unknown_keys_and_wrong_types_name_the_key_path(override, key):
     ("train.optimizer_steps_per_rollout=3", "train.optimizer_steps_per_rollout", "divide"),
     ("eval.ema_decay=1.0", "eval.ema_decay", "not in [0, 1)"),
     ("eval.ema_every=0", "eval.ema_every", "at least 1"),
+    ("eval.ema_unit=epoch", "eval.ema_unit", "not one of"),
+    ("eval.ema_phase=1", "eval.ema_phase", "not in [0, eval.ema_every = 1)"),
+    ("eval.ema_warmup_offset=-2", "eval.ema_warmup_offset", "below -1"),
+    ("eval.ema_updates_per_event=0", "eval.ema_updates_per_event", "at least 1"),
     ("rollout.sampler.grid=karras", "rollout.sampler.grid", "unknown sigma grid"),
     ("rollout.sampler.options={model_time: round}", "rollout.sampler.options.model_time", "unknown model_time"),
 ])

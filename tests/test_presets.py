@@ -36,8 +36,9 @@ def test_a_drifted_value_a_missing_preset_and_an_uncovered_key_are_reported():
 
 
 def test_a_key_our_schema_lacks_must_stay_unresolved_until_the_table_says_otherwise():
-    cfg = load_config("flow_grpo_sd35m_geneval")
-    assert provenance.resolved_value(cfg, "model.options.text_encoder_dtype") is provenance.MISSING
+    cfg = load_config("awm_sd35m_geneval")
+    assert provenance.resolved_value(cfg, "quirk.skip_first_two_epochs") is provenance.MISSING
+    assert provenance.resolved_value(cfg, "model.options.no_such_option") is provenance.MISSING
     # defaults come from the schema that owns the key, not from the table
     assert provenance.resolved_value(load_config("crd_sd35m_geneval"), "reward.options.geneval.partial_mode") == "clauses"
     assert provenance.resolved_value(load_config("nft_sd35m_ocr"), "reward.options.ocr.whitespace") == "ascii_space"

@@ -388,6 +388,11 @@ def test_evaluated_weights_are_stated_and_a_mismatch_is_flagged(tmp_path):
     mixed = report.evaluated_weights([ema[0], run("b", 0, {"ema_decay": 0.0}), run("b", 1, {})])
     assert mixed.startswith("**Evaluated weights differ between arms**")
     assert "(decay 0.9, updated every 8 optimizer step(s)) for a; theta for b." in mixed
+    # Flow-GRPO's two moves per update and CRD's RL-step clock are named, so the two read as different settings
+    clocks = report.evaluated_weights([run("f", 0, {"ema_decay": 0.9, "ema_every": 8, "ema_updates_per_event": 2}),
+                                       run("c", 0, {"ema_decay": 0.995, "ema_every": 10, "ema_unit": "rl_step"})])
+    assert "(decay 0.9, updated every 8 optimizer step(s), 2 moves each) for f" in clocks
+    assert "(decay 0.995, updated every 10 RL step(s)) for c" in clocks
 
 
 def test_eval_cfg_and_precision_are_stated_per_arm(tmp_path):
@@ -406,6 +411,10 @@ def test_eval_cfg_and_precision_are_stated_per_arm(tmp_path):
     assert cfg == "Evaluation per arm: CFG 1 for nft, crd; unrecorded for old."
     assert precision == ("Precision per arm: fp16 autocast, frozen weights float32 for nft; bf16 autocast, "
                          "frozen weights bfloat16 for crd; unrecorded for old.")
+    split = run("nft", 0, 1.0)
+    split.config["model"]["options"]["text_encoder_dtype"] = "float16"  # the originals' fp16 text encoders
+    assert report.arm_settings([split])[1] == ("Precision: fp16 autocast, frozen weights float32, text encoders "
+                                               "float16, for every arm.")
 
 
 def _half_finished_sweep(root):

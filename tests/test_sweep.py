@@ -178,6 +178,13 @@ def test_sd35_head2head_sweeps_have_every_method_each_at_its_authors_eval_cfg(ta
     assert set(cfg.values()) == {1.0}
     sampler = {(c.eval.sampler.name, c.eval.sampler.num_steps) for c in configs.values()}
     assert sampler == {("euler", 40)}
+    # each arm keeps its original's EMA clock and precision split (per_arm:), not the first arm's
+    arm = {r.arm: configs[r.id] for r in runs}
+    assert (arm["flow_grpo"].eval.ema_phase, arm["flow_grpo"].eval.ema_updates_per_event) == (1, 2)
+    assert (arm["crd"].eval.ema_unit, arm["crd"].eval.ema_every) == ("rl_step", 10)
+    for name in ("flow_grpo", "nft", "awm"):
+        assert arm[name].model.options.text_encoder_dtype == "float16" and arm[name].train.allow_tf32, name
+    assert "text_encoder_dtype" not in arm["elbo_pg"].model.options and arm["elbo_pg"].train.allow_tf32
 
 
 def test_unknown_keys_and_bad_values_are_named(tmp_path, tiny_model_dir):

@@ -199,6 +199,27 @@ def test_evaluation_ema_follows_its_warmed_up_decay(tiny_run, tmp_path, every, e
     trainer.reward.close()
 
 
+def test_evaluation_ema_on_the_rl_step_clock_moves_after_each_rl_step_as_many_times_as_asked(tiny_run, tmp_path):
+    # unit rl_step, warm-up over the 0-based RL step (offset -1), 2 moves per update: decay 0.1 twice after RL
+    # step 1 (n = 0), 2/11 twice after RL step 2 (n = 1); two optimizer steps per RL step make no extra moves.
+    cfg = load_config("toy_nft", tiny_run("eval.every=-1", "optim.lr=1e-2", "eval.ema_decay=0.9",
+                                          "eval.ema_unit=rl_step", "eval.ema_warmup_offset=-1",
+                                          "eval.ema_updates_per_event=2", "train.optimizer_steps_per_rollout=2",
+                                          out=tmp_path / "ema_rl"))
+    trainer = Trainer(cfg, progress=False)
+    flat = lambda module: torch.cat([p.detach().flatten().clone() for p in module.parameters()])  # noqa: E731
+    base = flat(trainer.policy.core)
+    thetas = []
+    for _ in range(2):
+        trainer.rl_step()
+        thetas.append(flat(trainer.policy.core))
+    first = 0.1 ** 2 * base + (1 - 0.1 ** 2) * thetas[0]
+    expected = (2 / 11) ** 2 * first + (1 - (2 / 11) ** 2) * thetas[1]
+    torch.testing.assert_close(flat(trainer.policy.snapshots["eval_ema"]), expected, rtol=1e-5, atol=1e-6)
+    assert trainer.optimizer_steps == 4
+    trainer.reward.close()
+
+
 needs_tensorboard = pytest.mark.skipif(__import__("importlib").util.find_spec("tensorboard") is None,
                                        reason="tensorboard not installed")
 

@@ -112,7 +112,8 @@ class DiffusersFlowPolicy(SnapshotPolicy):
             if not path:
                 raise ValueError(f"the {self.backend_name} backend needs model.path: a pipeline directory or hub id "
                                  f"(or random:<preset>, presets: {sorted(self.presets)})")
-            transformer, self.pipe = self._load(path, device, frozen, transformer_dtype)
+            text_dtype = DTYPES[opts.text_encoder_dtype] if opts.text_encoder_dtype else None
+            transformer, self.pipe = self._load(path, device, frozen, transformer_dtype, text_dtype)
             self.vae = self.pipe.vae
             self.max_sequence_length = opts.max_sequence_length or self._default_sequence_length()
             native = self._native_resolution(transformer)
@@ -183,16 +184,22 @@ class DiffusersFlowPolicy(SnapshotPolicy):
         return min(self.default_max_sequence_length, int(limit))
 
     # --------------------------------------------------------------------------------------------- loading
-    def _load(self, path: str, device: torch.device, frozen: torch.dtype, transformer_dtype: torch.dtype):
-        """The transformer in its training dtype, and the pipeline (text encoders, tokenizers, VAE) around it."""
+    TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+    def _load(self, path: str, device: torch.device, frozen: torch.dtype, transformer_dtype: torch.dtype,
+              text_dtype: Optional[torch.dtype] = None):
+        """The transformer in its training dtype, and the pipeline (text encoders, tokenizers, VAE) around it, in
+        `frozen`; with `text_dtype`, the text encoders are then cast whole to it, as the originals' `.to(dtype=)`
+        (which also casts the modules transformers keeps in fp32 on a half-precision load, e.g. T5's `wo`)."""
         key = _dtype_keyword()
         transformer = self._transformer_class().from_pretrained(path, subfolder="transformer",
                                                                 **{key: transformer_dtype})
         pipe = self._pipeline_class().from_pretrained(path, transformer=transformer, **{key: frozen})
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
+        for name in (*self.TEXT_ENCODERS, "vae"):
             module = getattr(pipe, name, None)
             if module is not None:
-                module.to(device).requires_grad_(False).eval()
+                cast = {"dtype": text_dtype} if text_dtype is not None and name in self.TEXT_ENCODERS else {}
+                module.to(device, **cast).requires_grad_(False).eval()
         pipe.set_progress_bar_config(disable=True)
         return transformer, pipe
 

@@ -42,6 +42,11 @@ class BackendOptions:
     """Dtype of the weights that do not train (base transformer under LoRA, text encoders, VAE, full-FT `ref`):
     `auto`, `float32`, `bfloat16`, `float16`. Default `auto`: bfloat16 on CUDA (the originals' precision, half the
     memory), float32 on CPU (where bfloat16 matmuls are slow)."""
+    text_encoder_dtype: str = ""
+    """Dtype of the text encoders alone: `float32`, `bfloat16`, `float16`, or "" (default) for `dtype`'s. Flow-GRPO,
+    DiffusionNFT and AWM cast only the text encoders to their mixed-precision dtype (fp16) and keep the frozen
+    transformer and the VAE in fp32 (e.g. flow_grpo scripts/train_sd3.py:409-415). Prompt embeddings are still
+    handed to the transformer in `dtype`. Ignored by random-init presets, which have no text encoders."""
     trainable_dtype: str = "float32"
     """Dtype of the trained weights (LoRA adapters, or the whole transformer under full fine-tuning) and of their
     moving snapshots. Default float32: optimizer updates and soft updates (`d` near 1) would round away in 16 bits;
@@ -82,6 +87,9 @@ class BackendOptions:
             value = getattr(self, key)
             if value not in DTYPES and not (key == "dtype" and value == "auto"):
                 raise ValueError(f"option {key}={value!r} is not one of {['auto', *DTYPES] if key == 'dtype' else list(DTYPES)}")
+        if self.text_encoder_dtype and self.text_encoder_dtype not in DTYPES:
+            raise ValueError(f"option text_encoder_dtype={self.text_encoder_dtype!r} is not one of "
+                             f"{['', *DTYPES]} ('': the `dtype` option's)")
         if self.lora_init not in LORA_INITS:
             raise ValueError(f"option lora_init={self.lora_init!r} is not one of {sorted(LORA_INITS)}")
         if self.lora_rank < 1:

@@ -50,11 +50,16 @@ def evaluated_weights(runs: List[RunResult]) -> str:
     for run in runs:
         decay = config_value(run.config, "eval.ema_decay")
         every = config_value(run.config, "eval.ema_every")
+        # keys absent from runs written before they existed take their then-only behaviour
+        unit = config_value(run.config, "eval.ema_unit")
+        moves = config_value(run.config, "eval.ema_updates_per_event")
         if decay is MISSING or not decay:  # written before the evaluation EMA existed, or with it off
             setting = "theta"
         else:
+            unit = "RL step(s)" if unit == "rl_step" else "optimizer step(s)"
+            twice = f", {moves} moves each" if moves is not MISSING and moves > 1 else ""
             setting = f"an EMA of the weights (decay {decay:g}, updated every {every if every is not MISSING else 1}" \
-                      f" optimizer step(s))"
+                      f" {unit}{twice})"
         arms = by_setting.setdefault(setting, [])
         if run.arm not in arms:
             arms.append(run.arm)
@@ -97,9 +102,11 @@ def _eval_cfg(config: dict) -> str:
 def _precision(config: dict) -> str:
     autocast = config_value(config, "train.mixed_precision")
     weights = config_value(config, "model.options.dtype")
+    text = config_value(config, "model.options.text_encoder_dtype")
     if autocast is MISSING:
         return "unrecorded"
-    return f"{autocast} autocast" + ("" if weights is MISSING else f", frozen weights {weights}")
+    return f"{autocast} autocast" + ("" if weights is MISSING else f", frozen weights {weights}") + \
+        ("" if text is MISSING or not text else f", text encoders {text}")
 
 
 def arm_settings(runs: List[RunResult]) -> List[str]:
