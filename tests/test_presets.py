@@ -40,7 +40,7 @@ def test_a_key_our_schema_lacks_must_stay_unresolved_until_the_table_says_otherw
     assert provenance.resolved_value(cfg, "quirk.skip_first_two_epochs") is provenance.MISSING
     assert provenance.resolved_value(cfg, "model.options.no_such_option") is provenance.MISSING
     # defaults come from the schema that owns the key, not from the table
-    assert provenance.resolved_value(load_config("crd_sd35m_geneval"), "reward.options.geneval.partial_mode") == "clauses"
+    assert provenance.resolved_value(load_config("dgpo_sd35m_geneval"), "reward.options.geneval.partial_mode") == "clauses"
     assert provenance.resolved_value(load_config("nft_sd35m_ocr"), "reward.options.ocr.whitespace") == "ascii_space"
     entries = {"train.steps": {"value": 1000, "source": "x", "ours": provenance.NO_KEY, "status": "kept"}}
     assert any("has no such key" in p for p in provenance.check_preset("flow_grpo_sd35m_geneval", entries))
