@@ -216,11 +216,20 @@ class AWMConfig:
     """decay schedule of the lagged `ema` snapshot: awm_ema = min(0.001 step, 0.3), or any preset / spec / dict"""
     adv_clip_max: float = 5.0
     """advantages are clipped to +-this, then divided by it (A_hat = clip(A, -5, 5) / 5 in [-1, 1])"""
-    time_distribution: str = "stratified_grid"
-    """training times: stratified_grid (the original: one time per stratum of the rollout grid, shared by the
-    samples), grid_subset, uniform, logit_normal"""
+    time_distribution: str = "stratified_index"
+    """training times: stratified_index (the original: one grid index per stratum of `time_index_range`, shared by
+    the samples of a draw), stratified_grid (strata over the whole non-zero grid), grid_subset, uniform,
+    logit_normal"""
     num_train_times: int = 6
     """training times per sample (T = 6 in the original)"""
+    time_index_range: Optional[List[int]] = None
+    """[lo, hi] rollout-grid indices that stratified_index stratifies (index 0 is t = 1; hi is never drawn);
+    None = every non-zero point. The original: [1, 12] for GenEval and OCR (`discrete_wo_init`, never t = 1),
+    [0, 12] for PickScore (`discrete`), 12 = int(14 x timestep_fraction 0.9)"""
+    time_draw: str = "micro_batch"
+    """micro_batch: times and noise drawn afresh for every training item, as the original draws them for every
+    micro-batch (so the gradient depends on train.micro_batch_size); optimizer_step: one draw for the whole
+    optimizer step, split into items (the gradient does not depend on the micro-batch size)"""
 
     def validate(self) -> None:
         require(self.weighting in AWM_WEIGHTINGS, "weighting", f"{self.weighting!r} is not one of {AWM_WEIGHTINGS}")
@@ -261,27 +270,40 @@ class AWM:
         """Each item holds all T times of `max(1, micro_batch_size // T)` samples, rows time-major (k * b + i), which
         is the (T, b) layout `awm_loss` takes.
 
-        Times and noise are drawn once per optimizer step, so with `stratified_grid` every micro-batch shares the same
-        T times (the original draws them per micro-batch) and the gradient does not depend on the micro-batch size.
+        `time_draw` micro_batch draws the times, then the noise, for every item, as the original does for every
+        micro-batch of `train.batch_size` samples (scxue/advantage_weighted_matching@be513723:
+        advantage_weighted_matching/scripts/train_sd3_awm.py:1119-1220): two items of one step get independent times.
+        optimizer_step draws them once for the step, so every item of a step shares them and the gradient does not
+        depend on the micro-batch size.
         """
         c = self.config
         B, T = len(indices), c.num_train_times
         x0 = batch.x0[indices]
-        times = sample_train_times(c.time_distribution, B, T, generator, grid=batch.sigmas).to(x0.dtype)
-        eps = torch.randn((T, *x0.shape), generator=generator).to(x0)
-        advantages = batch.advantages[indices]
         per_item = max(1, micro_batch_size // T)
+        blocks = [torch.arange(start, min(start + per_item, B)) for start in range(0, B, per_item)]
+        if c.time_draw == "optimizer_step":
+            times, eps = self._draw(batch, B, x0, generator)
+            drawn = [(times[:, cols], eps[:, cols]) for cols in blocks]
+        else:
+            drawn = [self._draw(batch, len(cols), x0[cols], generator) for cols in blocks]
+        advantages = batch.advantages[indices]
         items = []
-        for start in range(0, B, per_item):
-            cols = torch.arange(start, min(start + per_item, B))
-            b = len(cols)
-            t, noise, clean = times[:, cols], eps[:, cols], x0[cols]
+        for cols, (t, noise) in zip(blocks, drawn):
+            b, clean = len(cols), x0[cols]
             tb = t.reshape(T, b, *([1] * (x0.ndim - 1)))
             x_t = (1 - tb) * clean.unsqueeze(0) + tb * noise
             items.append(TrainingItem(
                 index=indices[cols].repeat(T), x=x_t.reshape(T * b, *x0.shape[1:]), sigma=t.reshape(-1),
                 snapshots=self._needs, data={"x0": clean, "eps": noise, "t": t, "advantages": advantages[cols]}))
         return items
+
+    def _draw(self, batch: RolloutBatch, b: int, x0: torch.Tensor, generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(T, b) training times, then (T, b, ...) noise, for the b clean samples `x0`."""
+        c = self.config
+        options = {"index_range": c.time_index_range} if c.time_index_range is not None else {}
+        times = sample_train_times(c.time_distribution, b, c.num_train_times, generator, grid=batch.sigmas,
+                                   **options).to(x0.dtype)
+        return times, torch.randn((c.num_train_times, *x0.shape), generator=generator).to(x0)
 
     def loss(self, item: TrainingItem, velocities: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         c, d = self.config, item.data

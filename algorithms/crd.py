@@ -202,10 +202,15 @@ class CRDConfig:
     old_decay: Any = "crd_old"
     """decay of the `old` snapshot the implicit reward is measured against: crd_old = min(0.25 + 0.005 step, 0.999)"""
     time_distribution: str = "grid_subset"
-    """training times: grid_subset (rollout grid points, as NFT; the paper does not pin this), stratified_grid,
-    uniform, logit_normal"""
+    """training times: grid_subset (rollout grid points, as NFT; the paper does not pin this), stratified_index
+    (the Flow-Factory port: one grid index per stratum of `time_index_range`, shared by the samples),
+    stratified_grid, uniform, logit_normal"""
     num_train_times: int = 9
     """training times per sample, each with fresh noise"""
+    time_index_range: Optional[List[int]] = None
+    """[lo, hi] rollout-grid indices that stratified_index stratifies (index 0 is t = 1; hi is never drawn);
+    None = every non-zero point. The port: [0, 8] on its 10-step grid (the indices whose times lie in its timestep
+    range 0.99, t >= 0.01), where 20 strata have width <= 1 and fix the indices"""
 
     def validate(self) -> None:
         require(self.loss_type in CRD_LOSS_TYPES, "loss_type", f"{self.loss_type!r} is not one of {CRD_LOSS_TYPES}")
@@ -253,7 +258,10 @@ class CRD:
         c = self.config
         B, T = len(indices), c.num_train_times
         x0 = batch.x0[indices]
-        times = sample_train_times(c.time_distribution, B, T, generator, grid=batch.sigmas).to(x0.dtype)
+        # One draw per optimizer step, where the port draws per micro-batch: the same times for the port's recipe,
+        # whose strata fix them, and a gradient that does not depend on the micro-batch size otherwise.
+        options = {"index_range": c.time_index_range} if c.time_index_range is not None else {}
+        times = sample_train_times(c.time_distribution, B, T, generator, grid=batch.sigmas, **options).to(x0.dtype)
         eps = torch.randn((T, *x0.shape), generator=generator).to(x0)
         groups = batch.group_ids[indices]
         labels, groups = torch.unique(groups, return_inverse=True)

@@ -6,11 +6,11 @@ a component. Every kind returns a `(num_times, batch_size)` tensor: row k holds 
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-TIME_DISTRIBUTIONS = ("grid_subset", "stratified_grid", "grid_prefix", "uniform", "logit_normal")
+TIME_DISTRIBUTIONS = ("grid_subset", "stratified_grid", "grid_prefix", "stratified_index", "uniform", "logit_normal")
 TIME_QUANTIZERS = ("none", "floor1000")
 INTEGER_TIME_SLACK = 2e-4
 """timestep units a float32 grid value may sit below the integer its float64 value truncates to"""
@@ -42,8 +42,9 @@ def _grid_subset(batch_size: int, num_times: int, generator: torch.Generator, gr
 def _stratified_grid(batch_size: int, num_times: int, generator: torch.Generator, grid: Optional[torch.Tensor]):
     """`num_times` contiguous strata over the non-zero grid, one random point per stratum, shared across the batch.
 
-    AWM style: one time per stratum keeps the times spread over the whole trajectory, and sharing them within a
-    micro-batch lets the model see one t per forward.
+    One time per stratum keeps the times spread over the whole trajectory, and sharing them within a micro-batch
+    lets the model see one t per forward. An approximation of AWM's strata (which `stratified_index` reproduces):
+    its strata cover all non-zero points, so t = 1 is always in.
     """
     points = _nonzero_grid(grid, "stratified_grid", num_times)
     n = points.numel()
@@ -71,6 +72,47 @@ def _grid_prefix(batch_size: int, num_times: int, generator: torch.Generator, gr
     keys = torch.rand(pool, generator=generator, device=generator.device)
     index = keys.argsort()[:num_times].to(points.device)
     return points[index].unsqueeze(1).expand(num_times, batch_size).contiguous()
+
+
+def stratum_bounds(lo: int, hi: int, num_times: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper grid index of each of `num_times` strata over the index span [lo, hi]: the float32
+    `linspace(lo, hi, num_times + 1)` truncated to integers, as AWM and Flow-Factory compute it
+    (scxue/advantage_weighted_matching@be513723:
+    advantage_weighted_matching/scripts/train_sd3_awm.py:1197-1202, X-GenGroup/Flow-Factory@a0b2bc5a:
+    src/flow_factory/utils/noise_schedule.py:256-257). The float32 spacing is kept on purpose: for some spans it
+    truncates a boundary one below its exact value, and the originals' strata are the reference.
+
+    A stratum covers the indices [lower, upper); one with lower == upper (more strata than indices) holds `lower`.
+    """
+    bounds = torch.linspace(float(lo), float(hi), num_times + 1, dtype=torch.float32).long()
+    return bounds[:-1], bounds[1:]
+
+
+def _stratified_index(batch_size: int, num_times: int, generator: torch.Generator, grid: Optional[torch.Tensor],
+                      index_range: Optional[Sequence[int]] = None):
+    """One grid index per stratum of `stratum_bounds(lo, hi, num_times)`, `lower + floor(u (upper - lower))` with
+    u ~ U[0, 1), shared by every sample of the call.
+
+    Indices count the non-zero grid points from the noisy end (index 0 is t = 1 on the Euler grid); `index_range`
+    [lo, hi] defaults to [0, number of non-zero points]. Index `hi` itself is never drawn. AWM's `discrete_wo_init`
+    is [1, int(0.9 N)] (t = 1 never drawn), its `discrete` [0, int(0.9 N)]; Flow-Factory's CRD `discrete` spans the
+    indices whose times lie in its timestep range. With more strata than indices the strata have width <= 1 and
+    the times are fixed (CRD's 20 times on the 10-step grid).
+    """
+    if grid is None:
+        raise ValueError("time distribution 'stratified_index' needs the rollout sigma grid (grid=...)")
+    points = grid[grid > 0]
+    n = points.numel()
+    span = [0, n] if index_range is None else list(index_range)
+    if not (len(span) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+            and 0 <= span[0] < span[1] <= n):
+        raise ValueError(f"time distribution 'stratified_index': index_range={span} must be two integers "
+                         f"0 <= lo < hi <= {n} (the grid's non-zero points)")
+    lo, hi = span
+    lower, upper = stratum_bounds(lo, hi, num_times)
+    u = torch.rand(num_times, generator=generator, dtype=torch.float64, device=generator.device).cpu()
+    index = lower + torch.floor(u * (upper - lower)).long()
+    return points[index.to(points.device)].unsqueeze(1).expand(num_times, batch_size).contiguous()
 
 
 def quantize_times(times: torch.Tensor, kind: str = "none") -> torch.Tensor:
@@ -110,6 +152,7 @@ _SAMPLERS: Dict[str, Callable[..., torch.Tensor]] = {
     "grid_subset": _grid_subset,
     "stratified_grid": _stratified_grid,
     "grid_prefix": _grid_prefix,
+    "stratified_index": _stratified_index,
     "uniform": _uniform,
     "logit_normal": _logit_normal,
 }
@@ -128,8 +171,9 @@ def sample_train_times(
     Args:
         kind: one of `TIME_DISTRIBUTIONS`.
         generator: the only source of randomness (so runs are reproducible).
-        grid: the rollout's (N+1,) sigma grid; required by "grid_subset", "stratified_grid" and "grid_prefix".
-        options: "grid_prefix": `pool` (5); "uniform": `t_min`, `t_max` (0.001, 0.999); "logit_normal": `mean`, `std` (0, 1).
+        grid: the rollout's (N+1,) sigma grid; required by "grid_subset", "stratified_grid", "grid_prefix" and
+            "stratified_index".
+        options: "grid_prefix": `pool` (5); "stratified_index": `index_range` ([0, N]); "uniform": `t_min`, `t_max` (0.001, 0.999); "logit_normal": `mean`, `std` (0, 1).
     """
     if kind not in _SAMPLERS:
         raise ValueError(f"unknown time distribution {kind!r}; expected one of {TIME_DISTRIBUTIONS}")

@@ -53,13 +53,40 @@ def test_check_training_times_bounds_grid_distributions_only():
     check_training_times(Options(time_distribution="uniform", num_train_times=50), run_with_steps(10))
 
 
+def test_stratified_index_may_repeat_points_but_its_span_must_fit_the_grid():
+    fixed = Options(time_distribution="stratified_index", num_train_times=20)
+    fixed.time_index_range = [0, 8]
+    check_time_distribution(fixed)
+    check_training_times(fixed, run_with_steps(10))  # 20 times on a 10-step grid: strata of width <= 1
+    with pytest.raises(OptionError, match=r"\[0, 8\] reaches past the 6 non-zero points") as info:
+        check_training_times(fixed, run_with_steps(6))
+    assert info.value.key == "time_index_range"
+    for distribution, span in (("grid_subset", [0, 8]), ("stratified_index", [4, 4]), ("stratified_index", [1])):
+        bad = Options(time_distribution=distribution)
+        bad.time_index_range = span
+        with pytest.raises(OptionError) as info:
+            check_time_distribution(bad)
+        assert info.value.key == "time_index_range"
+
+
+def test_time_draw_is_checked_where_a_plugin_has_it():
+    draws = Options()
+    draws.time_draw = "per_sample"
+    with pytest.raises(OptionError, match="micro_batch") as info:
+        check_time_distribution(draws)
+    assert info.value.key == "time_draw"
+
+
 @pytest.mark.parametrize("config, override, key", [
     ("toy_nft", "algo.time_distribution=gaussian", "algo.time_distribution"),
     ("toy_crd", "algo.sampler_decay=fastest", "algo.sampler_decay"),
     ("toy_awm", "algo.num_train_times=0", "algo.num_train_times"),
+    ("toy_awm", "algo.time_draw=per_sample", "algo.time_draw"),
+    ("toy_crd", "algo.time_index_range=[0,4]", "algo.time_index_range"),
+    ("toy_crd", "algo.time_distribution=stratified_index algo.time_index_range=[0,12]", "algo.time_index_range"),
     ("toy_flow_grpo", "algo.clip_range=0", "algo.clip_range"),
     ("toy_elbo_pg", "algo.advantage=centered_x", "algo.advantage"),
 ])
 def test_validate_errors_keep_the_field_path(config, override, key):
     with pytest.raises(ConfigError, match=f"bad config key '{key}': "):
-        load_config(config, [override])
+        load_config(config, override.split())

@@ -1,14 +1,17 @@
 """The AWM, CRD and RFT plugins through the real harness on the tiny model: short runs, identities, invariances,
 snapshots, per-snapshot guidance and config-time checks. (Their pure losses are tested in test_awm_crd.py.)"""
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from diffrl_bench.advantages import group_advantages, group_mean_centered
-from diffrl_bench.algorithms.crd import crd_loss
+from diffrl_bench.algorithms.awm import AWM, AWMConfig
+from diffrl_bench.algorithms.crd import CRD, CRDConfig, crd_loss
 from diffrl_bench.algorithms.rft import best_of_group
 from diffrl_bench.config import ConfigError, load_config
+from diffrl_bench.sampling import flow_sigmas
 from diffrl_bench.train import Trainer
 
 F64 = torch.float64
@@ -86,6 +89,58 @@ def test_awm_items_share_stratified_times_and_lay_pairs_out_time_major(tiny_run,
         assert torch.equal(item.index, item.index[:2].repeat(3))
         assert torch.equal(t, items[0].data["t"])  # one stratified draw for the whole optimizer step
     trainer.reward.close()
+
+
+def awm_batch(B=12, grid=flow_sigmas(14, 3.0)):
+    """The parts of a rollout batch AWM's items read: clean samples, advantages and the rollout grid."""
+    g = torch.Generator().manual_seed(0)
+    return SimpleNamespace(x0=torch.randn(B, 2, 3, 3, generator=g), advantages=torch.randn(B, generator=g, dtype=F64),
+                           sigmas=grid)
+
+
+GENEVAL_TIMES = dict(time_distribution="stratified_index", num_train_times=6, time_index_range=[1, 12])
+
+
+def test_awm_redraws_the_strata_for_every_micro_batch_and_shares_them_inside_it():
+    """The released GenEval/OCR setting: micro-batches of 3 samples x 6 times (18 pairs), strata of indices 1..11."""
+    algo = AWM(AWMConfig(**GENEVAL_TIMES))
+    assert algo.config.time_draw == "micro_batch"  # the original's, by default
+    batch, points = awm_batch(), flow_sigmas(14, 3.0)[:-1].tolist()
+    items = algo.training_items(batch, torch.arange(12), 18, torch.Generator().manual_seed(5))
+    again = algo.training_items(batch, torch.arange(12), 18, torch.Generator().manual_seed(5))
+    assert [len(i.index) for i in items] == [18] * 4
+    for item, same_seed in zip(items, again):
+        t = item.data["t"]
+        assert t.shape == (6, 3) and torch.all(t == t[:, :1])  # the 3 samples share the micro-batch's times
+        indices = [points.index(v) for v in t[:, 0].tolist()]  # one per stratum; never index 0 (t = 1)
+        assert all(i in stratum for i, stratum in zip(indices, ([1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11])))
+        assert torch.equal(t, same_seed.data["t"]) and torch.equal(item.x, same_seed.x)  # reproducible
+    # Independent draws: over many seeds, two micro-batches of one step pick the same point of the two-point
+    # strata about half the time (always, if the draw were shared by the optimizer step).
+    same = 0
+    for seed in range(200):
+        first, second = algo.training_items(batch, torch.arange(12), 18, torch.Generator().manual_seed(seed))[:2]
+        same += int(torch.equal(first.data["t"][1:], second.data["t"][1:]))
+    assert same < 25  # 5 two-point strata: P(all five equal) = 1/32 if independent, so ~6 of 200 expected
+
+
+def test_awm_optimizer_step_draw_shares_the_times_across_micro_batches():
+    algo = AWM(AWMConfig(**GENEVAL_TIMES, time_draw="optimizer_step"))
+    items = algo.training_items(awm_batch(), torch.arange(12), 18, torch.Generator().manual_seed(5))
+    assert all(torch.equal(item.data["t"], items[0].data["t"][:, :1].expand(6, 3)) for item in items)
+
+
+def test_crd_items_train_at_the_ports_fixed_indices():
+    grid = flow_sigmas(10, 3.0)
+    algo = CRD(CRDConfig(time_distribution="stratified_index", num_train_times=20, time_index_range=[0, 8]))
+    B = 8
+    g = torch.Generator().manual_seed(0)
+    batch = SimpleNamespace(x0=torch.randn(B, 2, 3, 3, generator=g), advantages=torch.randn(B, generator=g, dtype=F64),
+                            sigmas=grid, group_ids=torch.arange(B) // 4)
+    items = algo.training_items(batch, torch.arange(B), 4, torch.Generator().manual_seed(1))
+    fixed = [0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4, 4, 5, 5, 6, 6, 6, 7, 7]
+    times = torch.cat([item.data["t"] for item in items])  # blocks of (slot, prompt group), slot-major
+    assert torch.equal(times, grid[fixed].repeat_interleave(B))
 
 
 def micro_batch_gradients(config, micros, tiny_run, tmp_path, *extra):
@@ -296,3 +351,40 @@ def test_presets_reject_more_grid_times_than_the_grid_has(tiny_run, tmp_path):
     for config in ("toy_awm", "toy_crd"):
         with pytest.raises(ConfigError, match="'algo.num_train_times': 4 times per sample"):
             load_config(config, overrides(tiny_run, out=tmp_path / "r", times=4))
+
+
+# ------------------------------------------------------------------------------------- the SD3.5 presets' times
+def sd3_overrides(tiny_sd3, out, *extra):
+    return ["model.backend=sd3", f"model.path={tiny_sd3}", f"output_dir={out}", "train.threads=1",
+            "rollout.prompts_per_step=2", "rollout.images_per_prompt=4", "rollout.chunk_size=4",
+            "rollout.sampler.shift=3.0", "eval.sampler.num_steps=2", "eval.images_per_prompt=1", "eval.every=-1",
+            "checkpoint.every=0", "reward.components.test_brightness=1.0", "optim.lr=1e-2",
+            "algo.time_distribution=stratified_index", *extra]
+
+
+@pytest.mark.slow
+def test_awm_and_crd_train_on_the_sd3_backend_at_their_presets_times(tiny_sd3, tmp_path):
+    """One RL step each on the tiny SD3 with awm_sd35m_geneval's and crd_sd35m_*'s time settings (14 and 10 Euler
+    steps, shift 3): AWM's items hold one sample (micro-batch 6 = 1 x 6 times) at indices 1..11, CRD's the port's
+    fixed indices; both move the LoRA weights."""
+    for config, extra, check in (
+        ("toy_awm", ("rollout.sampler.num_steps=14", "algo.num_train_times=6", "algo.time_index_range=[1,12]",
+                     "algo.time_draw=micro_batch", "train.micro_batch_size=6"),
+         lambda grid, t: set(grid.tolist().index(v) for v in t.flatten().tolist()) <= set(range(1, 12))),
+        ("toy_crd", ("rollout.sampler.num_steps=10", "algo.num_train_times=20", "algo.time_index_range=[0,8]",
+                     "train.micro_batch_size=4", "algo.ref_cfg_scale=2.0"),
+         lambda grid, t: torch.equal(t[:, 0], grid[[0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4, 4, 5, 5, 6, 6, 6, 7, 7]])),
+    ):
+        trainer = Trainer(load_config(config, sd3_overrides(tiny_sd3, tmp_path / config, *extra)), progress=False)
+        batch = trainer.collect()
+        items = trainer.algo.training_items(batch, torch.arange(8), trainer.cfg.train.micro_batch_size,
+                                            torch.Generator().manual_seed(0))
+        times = torch.stack([item.data["t"] for item in items], dim=-1) if config == "toy_awm" else \
+            torch.cat([item.data["t"] for item in items]).reshape(20, 8)
+        assert check(batch.sigmas.to(times.dtype), times)
+        theta0 = {k: p.detach().clone() for k, p in trainer.policy.lora.params().items()}
+        row = trainer.rl_step()
+        assert row["train/grad_norm"] > 0
+        theta = trainer.policy.lora.params()
+        assert max((theta[k] - theta0[k]).abs().max().item() for k in theta) > 1e-4
+        trainer.reward.close()

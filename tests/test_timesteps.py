@@ -4,7 +4,7 @@ import torch
 
 from diffrl_bench.sampling import flow_sigmas
 from diffrl_bench.sampling import dpm_flow_sigmas
-from diffrl_bench.timesteps import TIME_DISTRIBUTIONS, quantize_times, sample_train_times
+from diffrl_bench.timesteps import TIME_DISTRIBUTIONS, quantize_times, sample_train_times, stratum_bounds
 
 GRID = flow_sigmas(10)
 
@@ -54,6 +54,73 @@ def test_stratified_grid_one_point_per_stratum_shared_across_batch():
     # Over many draws both points of a stratum appear.
     firsts = {float(sample_train_times("stratified_grid", 1, 5, gen(s), grid=GRID)[0, 0]) for s in range(40)}
     assert firsts == set(points[:2].tolist())
+
+
+# stratified_index: the originals' strata. AWM (scxue/advantage_weighted_matching@be513723, config/dgx_awm.py:37,
+# 60, 88, 367): 14 Euler steps, shift 3, T = 6, span [1, int(14 x 0.9)] (`discrete_wo_init`, GenEval/OCR) or
+# [0, int(14 x 0.9)] (`discrete`, PickScore). CRD (X-GenGroup/Flow-Factory@a0b2bc5a, default.yaml:60-63, 77):
+# 10 Euler steps, T = 20, span over the indices whose 1000 t lies in [1000 (1 - 0.99), 1000].
+AWM_GRID, CRD_GRID = flow_sigmas(14, 3.0), flow_sigmas(10, 3.0)
+AWM_HI = int(14 * 0.9)
+CRD_FIXED = [0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 4, 4, 4, 5, 5, 6, 6, 6, 7, 7]  # the list the issue quotes
+
+
+def exact_bounds(lo, hi, T):
+    """floor(lo + k (hi - lo) / T) in integer arithmetic: the truncated linspace without rounding."""
+    return [lo + (k * (hi - lo)) // T for k in range(T + 1)]
+
+
+@pytest.mark.parametrize("lo, hi, T, strata", [
+    (1, AWM_HI, 6, [[1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]),
+    (0, AWM_HI, 6, [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]),
+])
+def test_awm_strata_are_the_truncated_linspace(lo, hi, T, strata):
+    assert AWM_HI == 12
+    lower, upper = stratum_bounds(lo, hi, T)
+    bounds = exact_bounds(lo, hi, T)
+    assert lower.tolist() == bounds[:-1] and upper.tolist() == bounds[1:]
+    assert [list(range(a, b)) for a, b in zip(lower.tolist(), upper.tolist())] == strata
+
+
+def test_crd_span_and_strata_give_the_fixed_indices():
+    # The port keeps the grid indices whose scheduler time 1000 t is within [10, 1000] (+-1e-3): 0..8 of 10.
+    valid = [i for i, t in enumerate((CRD_GRID[:-1] * 1000).tolist()) if 10 - 1e-3 <= t <= 1000 + 1e-3]
+    assert valid == list(range(9))
+    lower, upper = stratum_bounds(0, 8, 20)
+    assert lower.tolist() == exact_bounds(0, 8, 20)[:-1] == CRD_FIXED
+    assert torch.all(upper - lower <= 1)  # width <= 1: lower + floor(u (upper - lower)) is always `lower`
+    for seed in range(5):
+        t = sample_train_times("stratified_index", 3, 20, gen(seed), grid=CRD_GRID, index_range=[0, 8])
+        assert torch.equal(t, CRD_GRID[CRD_FIXED].unsqueeze(1).expand(20, 3))
+    assert 0.46 < float(CRD_GRID[7]) < 0.47 and float(CRD_GRID[8]) < 0.28  # t in [0.46, 1]; index 8 never drawn
+
+
+@pytest.mark.parametrize("lo, never_one", [(1, True), (0, False)])
+def test_awm_stratified_index_one_index_per_stratum_shared_by_the_samples(lo, never_one):
+    lower, upper = stratum_bounds(lo, AWM_HI, 6)
+    seen = set()
+    for seed in range(200):
+        t = sample_train_times("stratified_index", 3, 6, gen(seed), grid=AWM_GRID, index_range=[lo, AWM_HI])
+        assert torch.all(t == t[:, :1])  # shared by the samples of the draw
+        for k in range(6):  # exactly one index in each stratum
+            matches = [i for i in range(len(AWM_GRID) - 1) if float(AWM_GRID[i]) == float(t[k, 0])]
+            assert len(matches) == 1 and lower[k] <= matches[0] < upper[k]
+            seen.add(matches[0])
+        if never_one:
+            assert torch.all(t < 1)
+    assert seen == set(range(lo, AWM_HI))  # every index of the span is reachable (t = 1 for PickScore), 12 is not
+    if never_one:  # GenEval / OCR: t in [0.357, 0.973]
+        assert 0.357 < float(AWM_GRID[11]) < 0.358 and 0.973 < float(AWM_GRID[1]) < 0.974
+
+
+def test_stratified_index_defaults_to_the_whole_nonzero_grid_and_rejects_bad_spans():
+    # 10 strata over 10 points: every point exactly once, in grid order.
+    assert torch.equal(sample_train_times("stratified_index", 2, 10, gen(), grid=GRID)[:, 0], GRID[:-1])
+    for span in ([0, 11], [3, 3], [-1, 4], [0], [0.0, 4]):
+        with pytest.raises(ValueError, match="index_range"):
+            sample_train_times("stratified_index", 2, 2, gen(), grid=GRID, index_range=span)
+    with pytest.raises(ValueError, match="grid"):
+        sample_train_times("stratified_index", 2, 2, gen())
 
 
 def test_uniform_and_logit_normal_options():
