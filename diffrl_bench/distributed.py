@@ -2,7 +2,8 @@
 
 One process or many (`accelerate launch`), the Trainer sees the same few operations: `gather` (every process's
 equal-sized slice, in rank order = the step's image order), `gather_scores`, `broadcast_flag` (the main process
-decides for all), and the random streams, seeded so that a run's rollouts do not depend on the number of processes
+decides for all), `failures` (a problem found on any process, known to all, so they stop together), and the random
+streams, seeded so that a run's rollouts do not depend on the number of processes
 (see `make_generators`) and saved per rank in checkpoints (`generators_by_rank`, `own_generators`).
 """
 from __future__ import annotations
