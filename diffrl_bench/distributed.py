@@ -2,13 +2,14 @@
 
 One process or many (`accelerate launch`), the Trainer sees the same few operations: `gather` (every process's
 equal-sized slice, in rank order = the step's image order), `gather_scores`, `broadcast_flag` (the main process
-decides for all), and the random streams, seeded so that a run's rollouts do not depend on the number of processes
+decides for all), `failures` (a problem found on any process, known to all, so they stop together), and the random
+streams, seeded so that a run's rollouts do not depend on the number of processes
 (see `make_generators`) and saved per rank in checkpoints (`generators_by_rank`, `own_generators`).
 """
 from __future__ import annotations
 
 import os
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 
@@ -91,6 +92,26 @@ class Processes:
         from accelerate.utils import broadcast
 
         return bool(broadcast(torch.tensor([float(flag)], device=self.accelerator.device), from_process=0))
+
+    def failures(self, problem: Optional[str]) -> List[str]:
+        """Every process's `problem` (None when it has none), the same list on every process: `process r: ...`
+        lines when several processes run, or the one problem. A collective: a failure found on one process
+        (a NaN in its share, a reward that failed there) must stop every process at the same point, or the others
+        would wait for it in their next collective for ever. One one-element all-reduce when nothing failed;
+        the messages are gathered only when something did."""
+        if self.world == 1:
+            return [problem] if problem is not None else []
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(problem is not None)], device=self.accelerator.device)
+        dist.all_reduce(flag)
+        if float(flag) == 0:
+            return []
+        messages: List[Optional[str]] = [None] * self.world
+        dist.all_gather_object(messages, problem)
+        if len(set(messages)) == 1:  # the same on every process (a global gradient norm): said once
+            return [messages[0]]
+        return [f"process {rank}: {message}" for rank, message in enumerate(messages) if message is not None]
 
     def local_slice(self, total: int) -> slice:
         """This process's contiguous share of `total` items (the step's images)."""

@@ -7,7 +7,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
@@ -32,7 +32,8 @@ RESUME_MAY_CHANGE = (
 
 
 class RunStopped(RuntimeError):
-    """A run stopped on a value it cannot continue from (a non-finite loss or gradient norm); nothing was saved."""
+    """A run stopped on a value it cannot continue from (a non-finite loss, gradient norm or training metric, on any
+    process); nothing of that step was saved."""
 
 
 # ------------------------------------------------------------------------------------------- output directory
@@ -149,8 +150,40 @@ def check_resume_config(out: Path, cfg) -> None:
 
 
 # --------------------------------------------------------------------------------------------- non-finite values
-def check_finite(value: float, quantity: str, step: int) -> None:
-    """Stop the run at a non-finite `quantity` before the optimizer applies it (no checkpoint of bad weights)."""
-    if not math.isfinite(value):
-        raise RunStopped(f"step {step}: {quantity} is {value}; the run stops before the optimizer step, so no "
-                         f"checkpoint holds these weights (the newest checkpoint is the last good state)")
+NOT_SAVED = "no checkpoint holds these weights (the newest checkpoint is the last good state)"
+
+
+def non_finite(value: float, quantity: str) -> Optional[str]:
+    """`quantity is nan` when `value` is not finite, else None (the problem a process reports to the others)."""
+    return None if math.isfinite(value) else f"{quantity} is {value}"
+
+
+def stop_before_update(step: int, problems: Sequence[str]) -> None:
+    """Stop the run at non-finite values found before the optimizer applies them (every process has the same
+    `problems`: Processes.failures), so the weights never take them and nothing is saved."""
+    if problems:
+        raise RunStopped(f"step {step}: {'; '.join(problems)}; the run stops before the optimizer step, so "
+                         f"{NOT_SAVED}")
+
+
+NAN_BY_DESIGN: Dict[str, str] = {}
+"""training-row metrics that may be non-finite by design, each with the reason; every other numeric metric of a
+training row must be finite (`non_finite_metrics`). Empty: no training-row metric of the nine toy presets is
+non-finite in 2-step runs on the toy base, nor on a random model whose rewards are all 0 (every group of zero
+variance); a group of one image, whose std is undefined, is refused by config validation (K >= 2)."""
+
+
+def non_finite_metrics(row: Dict[str, Any]) -> Optional[str]:
+    """The non-finite numeric metrics of a training row, named (`metric 'loss/kl' is nan, ...`), or None."""
+    bad = [f"metric {key!r} is {value}" for key, value in row.items()
+           if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value)
+           and key not in NAN_BY_DESIGN]
+    return ", ".join(bad) or None
+
+
+def stop_on_metrics(step: int, problems: Sequence[str]) -> None:
+    """Stop the run at non-finite metrics of step `step`'s training row, before the row is written or a checkpoint
+    of the step is saved (every process has the same `problems`: Processes.failures)."""
+    if problems:
+        raise RunStopped(f"step {step}: {'; '.join(problems)}; the run stops before this row is written and before "
+                         f"a checkpoint of this step, so {NOT_SAVED}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Callable, Dict
@@ -34,10 +35,11 @@ from diffrl_bench.precision import apply_tf32
 from diffrl_bench.prompts import load_prompts
 from diffrl_bench.prompts import validate_prompt_sources
 from diffrl_bench.registry import ALGORITHMS, SAMPLERS
-from diffrl_bench.reward_harness import WeightedReward
+from diffrl_bench.reward_harness import RewardError, WeightedReward
 from diffrl_bench.rollout import sample_chunks
-from diffrl_bench.run_guards import (check_device, check_finite, check_model_path, check_resume_config,
-                                     is_main_launch_process, lock_run_dir)
+from diffrl_bench.run_guards import (check_device, check_model_path, check_resume_config, is_main_launch_process,
+                                     lock_run_dir, non_finite, non_finite_metrics, stop_before_update,
+                                     stop_on_metrics)
 from diffrl_bench.runlog import MetricsLog, run_info
 from diffrl_bench.sampling import Transitions, sigma_grid
 from diffrl_bench.trackers import Trackers
@@ -129,6 +131,10 @@ class Trainer:
         optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=o.lr, betas=tuple(o.betas),
                                       weight_decay=o.weight_decay, eps=o.eps)
         self.policy.module, self.optimizer = self.accelerator.prepare(self.policy.core, optimizer)
+        # fp16's dynamic loss scaling overflows by design (the scaler skips that step and lowers the scale): there
+        # a non-finite gradient norm is not a failure, and a NaN loss is still caught before it.
+        self.loss_scaling = self.accelerator.scaler is not None or bool(
+            self.deepspeed and self.policy.module.fp16_enabled())
 
         self.reward = WeightedReward(dict(cfg.reward.components), OmegaConf.to_container(cfg.reward.options),
                                      worker=cfg.reward.worker, timeout_s=cfg.reward.timeout_s)
@@ -256,7 +262,15 @@ class Trainer:
                     transitions.append(rollout.transitions)
                 futures.append(self.reward.submit(images, texts[chunk], metadata[chunk]))
             with self.ledger.phase("reward"):
-                results = [f.result() for f in futures]
+                failure = None
+                try:
+                    results = [f.result() for f in futures]
+                except RewardError as error:
+                    failure = error
+                # Every process together: one that failed alone would leave the others in `gather_scores`.
+                failed = self.processes.failures(None if failure is None else str(failure))
+                if failed:
+                    raise RewardError("; ".join(failed)) from failure
         self.ledger.add_images(P * K)
         scores = {key: torch.cat([res[key] for res in results]) for key in results[0]}
         step_scores = self.processes.gather_scores(scores)
@@ -298,6 +312,7 @@ class Trainer:
             # The ledger is the main process's: it is charged every process's passes, repeats included.
             passed = int((counts[:, 2] + (most - counts[:, 1]) * counts[:, 3]).sum())
         sums: Dict[str, float] = {}
+        problem = None  # this process's first non-finite loss of the optimizer step
         for k, item in enumerate(items):
             cond = index_condition(batch.cond, item.index)
             with self.accelerator.autocast():
@@ -305,12 +320,18 @@ class Trainer:
                                                       cfg_scale=item.snapshot_cfg.get(s, item.cfg_scale))
                               for s in item.snapshots}
             loss, metrics = self.algo.loss(item, velocities)
-            check_finite(float(loss.detach()), f"the loss of algorithm {self.cfg.algorithm!r}", self.step + 1)
+            if problem is None:
+                problem = non_finite(float(loss.detach()), f"the loss of algorithm {self.cfg.algorithm!r}")
             counted = k < real and not item.placeholder
             # DDP and DeepSpeed average the processes' gradients: the world factor makes that the step's mean.
             weight = len(item.index) * self.world / step_total if counted else 0.0
             # Under DDP only the last backward of the step all-reduces; DeepSpeed steps at that boundary.
             last = k == len(items) - 1
+            if last:
+                # Before that boundary, once per optimizer step and on every process together (a NaN in one
+                # process's share would otherwise reach the others through the reduced gradients, or leave them
+                # waiting): nothing has been applied yet.
+                stop_before_update(self.step + 1, self.processes.failures(problem))
             if self.deepspeed:
                 self.accelerator.gradient_state._set_sync_gradients(last)
                 self.accelerator.backward(loss * weight)
@@ -341,12 +362,16 @@ class Trainer:
         for indices in order.chunk(n_steps):
             for key, value in self.accumulate_gradients(batch, indices).items():
                 sums[key] = _reduce_metric(key, sums.get(key), torch.tensor(value), 1.0 / n_steps)
-            if self.cfg.optim.grad_clip > 0:
-                # DeepSpeed clips inside its own step (gradient_clipping) and reports the norm afterwards.
-                norm = self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), self.cfg.optim.grad_clip)
-                if norm is not None:
-                    grad_norms.append(float(norm))
-                    check_finite(grad_norms[-1], "the gradient norm", self.step + 1)
+            # The total gradient norm, checked whether or not it clips: grad_clip 0 takes it with max_norm inf,
+            # which scales by exactly 1. DeepSpeed clips inside its own step (gradient_clipping) and reports the
+            # global norm (inf when it skipped the step on non-finite gradients).
+            clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+            norm = self.accelerator.clip_grad_norm_(self.policy.trainable_parameters(), clip)
+            problem = None
+            if norm is not None and (math.isfinite(float(norm)) or not self.loss_scaling):
+                grad_norms.append(float(norm))
+                problem = non_finite(grad_norms[-1], "the gradient norm")
+            stop_before_update(self.step + 1, self.processes.failures(problem))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.optimizer_steps += 1
@@ -385,6 +410,8 @@ class Trainer:
         row["train/zero_variance_frac"] = zero_variance_mask(rewards, batch.step_group_ids).double().mean().item()
         row["train/step_s"] = time.perf_counter() - start
         row.update(self.ledger.columns())
+        # Before the row is written or a checkpoint saved; loss/* metrics are each process's own share.
+        stop_on_metrics(self.step, self.processes.failures(non_finite_metrics(row)))
         return row
 
     # ----------------------------------------------------------------------------------------- eval, save, run

@@ -3,6 +3,7 @@ identical parameters and snapshots on both ranks after training, and advantages 
 over the same rollouts (a prompt's images span both ranks)."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -160,3 +161,40 @@ def test_local_slices_tile_the_step_in_rank_order(world, total):
               for r in range(world)]
     covered = [i for s in slices for i in range(total)[s]]
     assert covered == list(range(total))
+
+
+# ---------------------------------------------------------------------- a failure on one process stops them all
+FAILING_WORKER = Path(__file__).with_name("failing_worker.py")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where, message", [
+    ("reward", r"RewardError: process 1: reward 'test_nan_on_rank1' returned a non-finite score nan"),
+    ("loss", r"RunStopped: step 1: process 1: the loss of algorithm 'nft' is nan; the run stops before the optimizer"),
+    ("metric", r"RunStopped: step 1: process 1: metric 'loss/test_ratio' is nan; the run stops before this row"),
+])
+def test_a_non_finite_value_on_one_process_stops_every_process_naming_it(tiny_run, tmp_path, where, message):
+    """Process 1 alone meets the NaN; without the collective check it would raise there while process 0 waits
+    in the next collective for ever. Started by hand (no launcher that would kill the survivor), so each
+    process's own exit code is seen; the timeout only detects a hang."""
+    reward = "reward.components.test_nan_on_rank1=1.0" if where == "reward" else "reward.components.test_brightness=1.0"
+    overrides = tiny_run("eval.every=-1", "checkpoint.every=1", "rollout.prompts_per_step=2", out=tmp_path / "run")
+    overrides = [o for o in overrides if not o.startswith("reward.components.")] + [reward]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    command = [sys.executable, str(FAILING_WORKER), str(tmp_path), where, "toy_nft", *overrides]
+    procs = [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, p in enumerate(procs):
+        assert p.returncode == 1, f"process {rank} exited {p.returncode}:\n{outputs[rank][-3000:]}"
+        assert re.match(message, (tmp_path / f"rank{rank}.error").read_text()), outputs[rank][-3000:]
+    # Stopped before anything of step 1 was saved: no checkpoint, no training row.
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+    rows = (tmp_path / "run" / "metrics.jsonl")
+    assert not rows.exists() or "reward/mean" not in rows.read_text()

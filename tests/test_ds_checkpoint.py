@@ -102,15 +102,20 @@ def test_toy_full_finetuning_resumes_with_the_uninterrupted_curve(tiny_run, tmp_
 
 
 @pytest.mark.slow
-def test_tiny_sd3_lora_resumes_with_the_uninterrupted_curve_under_sharded_zero3(tiny_sd3, tmp_path):
-    """LoRA: DeepSpeed saves only theta's adapter; the frozen `old` adapter (inside the sharded module) comes back
-    from snapshots.safetensors, gathered on save and written back into its shards on resume."""
-    args = _launcher_args("zero3_partitioned", tmp_path)
+@pytest.mark.parametrize("launcher, finetune", [("zero3_partitioned", "lora"), ("zero2", "lora"),
+                                                ("zero2", "full"), ("zero3_partitioned", "full")])
+def test_tiny_sd3_resumes_with_the_uninterrupted_curve(tiny_sd3, tmp_path, launcher, finetune):
+    """LoRA: DeepSpeed saves only theta's adapter; the frozen `old` adapter (inside the module DeepSpeed wraps, and
+    under ZeRO-3 sharded with it) comes back from snapshots.safetensors, gathered on save and written back on
+    resume. Full fine-tuning: DeepSpeed saves the whole transformer and its optimizer partitions; the snapshots
+    are whole copies kept outside the engine."""
+    args = _launcher_args(launcher, tmp_path)
 
     def overrides(out):
-        return ["model.backend=sd3", f"model.path={tiny_sd3}", f"output_dir={out}", "train.threads=1",
-                "rollout.images_per_prompt=4", "rollout.sampler.num_steps=2", "rollout.sampler.shift=3.0",
-                "algo.num_train_times=2", "reward.components.test_brightness=1.0", *COMMON]
+        return ["model.backend=sd3", f"model.path={tiny_sd3}", f"model.options.finetune={finetune}",
+                f"output_dir={out}", "train.threads=1", "rollout.images_per_prompt=4", "rollout.sampler.num_steps=2",
+                "rollout.sampler.shift=3.0", "algo.num_train_times=2", "reward.components.test_brightness=1.0",
+                *COMMON]
 
     _resume_gives_the_uninterrupted_run(tmp_path, args, overrides)
 

@@ -181,6 +181,80 @@ def test_a_non_finite_gradient_norm_stops_the_run_before_the_optimizer_step(tiny
     trainer.release_run_dir()
 
 
+def test_a_non_finite_metric_stops_the_run_before_its_row_is_written(tiny_run, tmp_path, monkeypatch):
+    """A finite loss with a NaN metric beside it (here from step 2): the run stops naming the metric and the step;
+    step 2 has neither a row nor a checkpoint."""
+    out = tmp_path / "run"
+    trainer = Trainer(load_config("toy_nft", tiny_run("train.steps=3", "eval.every=-1", "checkpoint.every=1", out=out)),
+                      progress=False)
+    loss = trainer.algo.loss
+
+    def nan_metric_from_step_two(item, velocities):
+        value, metrics = loss(item, velocities)
+        return value, {**metrics, "test_ratio": torch.tensor(math.nan if trainer.step >= 1 else 1.0)}
+
+    monkeypatch.setattr(trainer.algo, "loss", nan_metric_from_step_two)
+    with pytest.raises(RunStopped, match="step 2: metric 'loss/test_ratio' is nan; the run stops before this row"):
+        trainer.run()
+    trainer.release_run_dir()
+    assert [r["step"] for r in MetricsLog(out).rows()] == [1]
+    assert [p.name for p in step_checkpoints(out / "checkpoints")] == ["step_0000001"]
+
+
+def test_non_finite_metrics_names_each_and_skips_what_is_nan_by_design(monkeypatch):
+    from diffrl_bench import run_guards
+
+    row = {"step": 3, "loss/a": 1.5, "loss/b": math.inf, "reward/c": -math.nan, "flag": True, "note": None, "k": 2}
+    assert run_guards.non_finite_metrics(row) == "metric 'loss/b' is inf, metric 'reward/c' is nan"
+    assert run_guards.non_finite_metrics({"step": 1, "loss/a": 0.0}) is None
+    monkeypatch.setitem(run_guards.NAN_BY_DESIGN, "reward/c", "a test's reason")
+    assert run_guards.non_finite_metrics(row) == "metric 'loss/b' is inf"
+
+
+def test_without_clipping_the_gradient_norm_is_still_checked(tiny_run, tmp_path):
+    """optim.grad_clip=0: a finite loss whose gradients are not finite (a hook makes one parameter's inf) stops the
+    run before the optimizer step, naming the step and the norm; the weights are untouched."""
+    trainer = Trainer(load_config("toy_nft", tiny_run("eval.every=-1", "optim.grad_clip=0", out=tmp_path / "g")),
+                      progress=False)
+    params = list(trainer.policy.trainable_parameters())
+    before = [p.detach().clone() for p in params]
+    params[0].register_hook(lambda grad: torch.full_like(grad, math.inf))
+    with pytest.raises(RunStopped, match="step 1: the gradient norm is inf; the run stops before the optimizer step"):
+        trainer.rl_step()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.trainable_parameters()))
+    trainer.reward.close()
+    trainer.release_run_dir()
+
+
+def test_without_clipping_the_logged_norm_is_that_of_the_untouched_gradients(tiny_run, tmp_path, monkeypatch):
+    """grad_clip=0 logs train/grad_norm too, and taking it leaves the gradients bit for bit as they were: the
+    optimizer step sees the gradients of before the norm, whose 2-norm is the logged one."""
+    trainer = Trainer(load_config("toy_nft", tiny_run("eval.every=-1", "optim.grad_clip=0", out=tmp_path / "n")),
+                      progress=False)
+    params = list(trainer.policy.trainable_parameters())
+    before, at_step = [], []
+    norm = trainer.accelerator.clip_grad_norm_
+    step = trainer.optimizer.step
+
+    def recording_norm(*args, **kwargs):
+        before.append([p.grad.clone() for p in params])
+        return norm(*args, **kwargs)
+
+    def recording_step(*args, **kwargs):
+        at_step.append([p.grad.clone() for p in params])
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.accelerator, "clip_grad_norm_", recording_norm)
+    monkeypatch.setattr(trainer.optimizer, "step", recording_step)
+    row = trainer.rl_step()
+    assert len(before) == len(at_step) == 1
+    assert all(torch.equal(a, b) for a, b in zip(before[0], at_step[0]))
+    total = torch.linalg.vector_norm(torch.cat([g.flatten() for g in at_step[0]]))
+    assert row["train/grad_norm"] == pytest.approx(float(total), rel=1e-5)
+    trainer.reward.close()
+    trainer.release_run_dir()
+
+
 def test_a_run_stopped_on_a_nan_exits_1_with_one_line(tiny_run, tmp_path, monkeypatch, caplog):
     import diffrl_bench.train as train_module
 
