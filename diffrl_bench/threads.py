@@ -40,14 +40,17 @@ def available_cores() -> int:
 
 
 def _env_count(name: str, env: Optional[MutableMapping[str, str]] = None) -> Optional[int]:
-    """A positive integer from the environment, None when unset; a malformed value is refused, naming it."""
+    """A positive integer from the environment, None when unset; a malformed value is refused, naming it (a
+    ConfigError, so that the command line prints one line)."""
+    from diffrl_bench.config import ConfigError
+
     raw = (os.environ if env is None else env).get(name, "").strip()
     if not raw:
         return None
     # OMP_NUM_THREADS may list nested levels ("4,2"): the first is the outer level's count.
     first = raw.split(",")[0].strip()
     if not first.isdigit() or int(first) < 1:
-        raise ValueError(f"environment variable {name}={raw!r} must be a positive integer")
+        raise ConfigError(f"environment variable {name}={raw!r} must be a positive integer")
     return int(first)
 
 
