@@ -13,7 +13,8 @@ Figures:
 2. with a busy neighbour (a second process spinning on one core, as another job on the machine would): 2 threads,
    1 thread and `train.threads: 0` (auto), each with OpenMP's default wait policy and with OMP_WAIT_POLICY=PASSIVE;
 3. tcmalloc through LD_PRELOAD (when a libtcmalloc is installed: Debian's libtcmalloc-minimal4) against glibc;
-4. FLOPs per step (torch's FLOP counter over one real step: matmuls, convolutions, attention, forward and
+5. evaluation sampling time, eval.batch_size 64 (the toy presets' value) against 256 (the previous default);
+6. FLOPs per step (torch's FLOP counter over one real step: matmuls, convolutions, attention, forward and
    backward as run) and the machine's float32 matmul rate at the same thread count, hence the utilisation.
 
 The machine's load is printed (`os.getloadavg`) with the figures: a figure taken while other processes compete is
@@ -45,12 +46,13 @@ from diffrl_bench.threads import MAX_THREADS_ENV, SPIN_ENV, WAIT_POLICY_ENV, ava
 
 MARK = "@@speed "
 SHORT = ["rollout.prompts_per_step=1"]
+EVAL_BATCHES = (256, 64)
 TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so")
 TCMALLOC_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 
 # ------------------------------------------------------------------------------------------------ the worker
-def worker(config: str, threads: int, overrides: Sequence[str]) -> None:
+def worker(config: str, threads: int, overrides: Sequence[str], images_per_prompt: int) -> None:
     """Build the Trainer, take one warm-up step, then answer `step`, `flops`, `matmul` lines from stdin."""
     import torch
 
@@ -74,9 +76,24 @@ def worker(config: str, threads: int, overrides: Sequence[str]) -> None:
             reply({"flops": count_flops(trainer.rl_step)})
         elif command == "matmul":
             reply({"flop_per_s": matmul_flops_per_s("cpu")})
+        elif command.startswith("eval "):
+            reply({"s": time_eval(trainer, int(command.split()[1]), images_per_prompt)})
         elif command == "quit":
             break
     trainer.reward.close()
+
+
+def time_eval(trainer, batch_size: int, images_per_prompt: int) -> float:
+    """Seconds to sample the held-out evaluation images (the run's eval sampler and noise) in batches of
+    `batch_size`; scoring is left out (it does not depend on the batch size)."""
+    from diffrl_bench.evaluate import eval_noise, generate
+
+    cfg = trainer.cfg.eval
+    texts = [p.text for p in trainer.eval_prompts for _ in range(images_per_prompt)]
+    noise = eval_noise(len(texts), trainer.policy.latent_shape, cfg.seed)
+    start = time.perf_counter()
+    generate(trainer.policy, texts, noise, cfg.sampler, batch_size=batch_size, seed=cfg.seed + 1)
+    return time.perf_counter() - start
 
 
 def reply(payload: Dict) -> None:
@@ -90,7 +107,7 @@ class Worker:
     def __init__(self, name: str, threads: int, env: Dict[str, str], args, log_dir: Path):
         self.name, self.times = name, []
         command = [sys.executable, __file__, "--worker", "--threads", str(threads), "--config", args.config,
-                   *args.overrides]
+                   "--eval-images", str(args.eval_images), *args.overrides]
         self.log = open(log_dir / f"{name.replace(' ', '_')}.log", "w")
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      env=env, text=True, cwd=REPO)
@@ -188,14 +205,16 @@ def main() -> None:
     parser.add_argument("--config", default="toy_nft")
     parser.add_argument("--long", action="store_true", help="the preset's own step size and 5 rounds")
     parser.add_argument("--repeats", type=int, default=0, help="rounds (default 3, --long 5)")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: quiet, busy, tcmalloc, flops")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: quiet, busy, tcmalloc, eval, flops")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--eval-images", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides for every variant")
     args = parser.parse_args()
     if args.worker:
-        return worker(args.config, args.threads, args.overrides)
+        return worker(args.config, args.threads, args.overrides, args.eval_images)
     args.overrides = ([] if args.long else SHORT) + list(args.overrides)
+    args.eval_images = 16 if args.long else 4
     repeats = args.repeats or (5 if args.long else 3)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     log_dir = Path(tempfile.mkdtemp(prefix="speed_logs_"))
@@ -243,6 +262,8 @@ def main() -> None:
             paired = [2 * p / wall for p, wall in zip(prev.times, walls)]
             print(f"  two 1-thread runs at once: wall median {statistics.median(walls):.3f} s for 2 steps; throughput "
                   f"ratio vs one 2-thread run {statistics.median(paired):.3f} (paired median; > 1: side by side wins)")
+            vs_new = [2 * p / wall for p, wall in zip(passive2.times, walls)]
+            print(f"  the same against one 2-thread PASSIVE run: {statistics.median(vs_new):.3f}")
 
         if "busy" not in skip:
             neighbour = busy_neighbour()
@@ -275,8 +296,20 @@ def main() -> None:
             print("  no libtcmalloc on this machine (Debian: apt-get install libtcmalloc-minimal4; then "
                   "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4); the issue measured 0.85x per step")
 
+        if "eval" not in skip:
+            print(f"\n5. evaluation sampling, {len(EVAL_BATCHES)} batch sizes, the held-out prompts x "
+                  f"{args.eval_images} images, 2 threads PASSIVE ({load_line()})")
+            times: Dict[int, List[float]] = {b: [] for b in EVAL_BATCHES}
+            for _ in range(repeats):
+                for b in EVAL_BATCHES:
+                    times[b].append(passive2.ask(f"eval {b}")["s"])
+            for b in EVAL_BATCHES:
+                paired = [x / y for x, y in zip(times[b], times[EVAL_BATCHES[0]])]
+                print(f"  eval.batch_size {b:<4} median {statistics.median(times[b]):7.3f} s  min {min(times[b]):7.3f} s"
+                      f"  ratio {statistics.median(paired):.3f} vs {EVAL_BATCHES[0]} (the previous default)")
+
         if "flops" not in skip:
-            print(f"\n4. FLOPs and utilisation ({load_line()})")
+            print(f"\n6. FLOPs and utilisation ({load_line()})")
             flops = prev.ask("flops")["flops"]
             for w in (prev, one):
                 rate = w.ask("matmul")["flop_per_s"]
