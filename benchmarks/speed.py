@@ -258,7 +258,7 @@ def main() -> None:
             walls = rounds([prev, passive2, one], repeats, pair=[one, other])
             for w in (prev, passive2, one):
                 print(describe(w, prev))
-            quiet_min.update({w.name: min(w.times) for w in (prev, one)})
+            quiet_min.update({w.name: min(w.times) for w in (prev, passive2, one)})
             paired = [2 * p / wall for p, wall in zip(prev.times, walls)]
             print(f"  two 1-thread runs at once: wall median {statistics.median(walls):.3f} s for 2 steps; throughput "
                   f"ratio vs one 2-thread run {statistics.median(paired):.3f} (paired median; > 1: side by side wins)")
@@ -311,7 +311,7 @@ def main() -> None:
         if "flops" not in skip:
             print(f"\n6. FLOPs and utilisation ({load_line()})")
             flops = prev.ask("flops")["flops"]
-            for w in (prev, one):
+            for w in (prev, passive2, one):
                 rate = w.ask("matmul")["flop_per_s"]
                 step = quiet_min.get(w.name) or w.step()
                 achieved = flops / step
