@@ -137,8 +137,8 @@ class TrainConfig:
     """on CUDA, let fp32 matmuls and convolutions use TF32 (set at the start of the run; false leaves torch's
     defaults); for `mixed_precision: no` runs whose original did so (the ELBO-PG authors' fp32 + TF32)"""
     threads: int = 0
-    """torch intra-op threads on CPU; 0: auto (the cores this process may use, capped by OMP_NUM_THREADS); never
-    more than the available cores nor a sweep executor's share (diffrl_bench/threads.py)"""
+    """torch intra-op threads on CPU; 0: auto (the cores this process may use, capped by OMP_NUM_THREADS and
+    torch's default); never more than the available cores nor a sweep executor's share (diffrl_bench/threads.py)"""
     device: str = "auto"
     """`auto`, `cpu` or `cuda`"""
 

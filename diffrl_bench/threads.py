@@ -6,7 +6,9 @@ threads than the cores this process may run on (`os.sched_getaffinity`, which fo
 and Slurm's CPU binding), nor more than a sweep executor's share (`MAX_THREADS_ENV`, set for the runs it starts
 side by side):
 
-- `train.threads: 0` (auto): the cores available, capped by `OMP_NUM_THREADS` when that is set;
+- `train.threads: 0` (auto): the cores available, capped by `OMP_NUM_THREADS` when that is set and by torch's
+  own default (which counts physical cores but not the affinity set: alone it oversubscribes a container's or a
+  Slurm job's share of a large machine);
 - `train.threads: N`: N, but never more than the cores available (a warning says when it is lowered).
 Both are capped by `MAX_THREADS_ENV`. The count is a deterministic function of the configuration and the CPU set,
 never of the momentary load, because the thread count can change float reduction order and with it the last
@@ -61,25 +63,35 @@ def thread_cap() -> int:
     return min(cap, share) if share is not None else cap
 
 
-def resolve_threads(requested: int) -> int:
-    """The intra-op thread count for `train.threads = requested` (0: auto) under this process's cap."""
+def resolve_threads(requested: int, default: Optional[int] = None) -> int:
+    """The intra-op thread count for `train.threads = requested` (0: auto) under this process's cap; auto takes
+    `default` (torch's own choice, see `apply_threads`) when given, else every core available."""
     if requested < 0:
         raise ValueError(f"train.threads must be 0 (auto) or a positive count, got {requested}")
     cap = thread_cap()
     if requested == 0:
         omp = _env_count("OMP_NUM_THREADS")
-        return min(cap, omp) if omp is not None else cap
+        auto = min(cap, omp) if omp is not None else cap
+        return min(auto, default) if default is not None else auto
     if requested > cap:
         log.warning("train.threads=%d lowered to %d: only %d cores are available to this run (more threads than "
                     "cores oversubscribe them, which costs far more than it gains)", requested, cap, cap)
     return min(requested, cap)
 
 
+_torch_default: Optional[int] = None
+
+
 def apply_threads(requested: int) -> int:
-    """Set torch's intra-op threads by `resolve_threads`; returns the count."""
+    """Set torch's intra-op threads by `resolve_threads`; returns the count. Auto never exceeds torch's own
+    default (the physical cores: hyper-threads seldom help these kernels), taken before anything here changed it,
+    so that runs after another one in the same process (a sequential sweep) resolve alike."""
+    global _torch_default
     import torch
 
-    count = resolve_threads(requested)
+    if _torch_default is None:
+        _torch_default = torch.get_num_threads()
+    count = resolve_threads(requested, _torch_default)
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
     return count

@@ -31,6 +31,8 @@ def test_auto_takes_the_cores_and_an_explicit_count_never_exceeds_them(cores, mo
     assert resolve_threads(0) == 4
     assert resolve_threads(2) == 2
     assert resolve_threads(16) == 4  # more threads than cores would oversubscribe them
+    assert resolve_threads(0, default=2) == 2  # torch's own default (physical cores) bounds auto
+    assert resolve_threads(0, default=64) == 4  # but a default past the affinity set does not count
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert resolve_threads(0) == 3  # the environment's choice bounds auto...
     assert resolve_threads(4) == 4  # ...but not an explicit config value
