@@ -8,7 +8,7 @@ are measured interleaved under the same background load, and it reports per vari
 step times and the median of the per-round ratios against the previous path (a ratio < 1 is faster).
 
 Figures:
-1. quiet: 1 thread vs 2 threads, OMP_WAIT_POLICY=PASSIVE (the new default) vs spinning; two 1-thread runs at once vs one 2-thread run (throughput ratio: steps per
+1. quiet: 1 thread vs 2 threads, OMP_WAIT_POLICY=PASSIVE (the default on a machine busy at start) vs spinning; two 1-thread runs at once vs one 2-thread run (throughput ratio: steps per
    second of the pair over the 2-thread run's; > 1 means a sweep should run them side by side);
 2. with a busy neighbour (a second process spinning on one core, as another job on the machine would): 2 threads,
    1 thread and `train.threads: 0` (auto), each with OpenMP's default wait policy and with OMP_WAIT_POLICY=PASSIVE;
@@ -233,7 +233,7 @@ def main() -> None:
 
     try:
         prev = make("2 threads (previous path)", 2)
-        passive2 = make("2 threads PASSIVE (the new default)", 2, OMP_WAIT_POLICY="PASSIVE")
+        passive2 = make("2 threads PASSIVE (default when busy)", 2, OMP_WAIT_POLICY="PASSIVE")
         workers = [prev, passive2]
         if "quiet" not in skip or "busy" not in skip:
             one = make("1 thread", 1)

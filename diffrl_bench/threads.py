@@ -14,8 +14,8 @@ Both are capped by `MAX_THREADS_ENV`. The count is a deterministic function of t
 never of the momentary load, because the thread count can change float reduction order and with it the last
 digits of a run; the count used is recorded in the run's `run_info.json` (`device_kind`, "cpu (N threads)").
 
-`configure_openmp_env` must run before torch is imported (the CLI entry points call it first thing): GNU OpenMP
-reads its wait policy once, when torch loads it.
+`configure_openmp_env` (OMP_WAIT_POLICY=PASSIVE when the machine is busy at start) must run before torch is
+imported (the CLI entry points call it first thing): GNU OpenMP reads its wait policy once, when torch loads it.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
 # GNU OpenMP's own knob for the same spinning; a user who set either has chosen, and is left alone.
 SPIN_ENV = "GOMP_SPINCOUNT"
 DEFAULT_WAIT_POLICY = "PASSIVE"
+BUSY_LOAD = 1.0
+"""1-minute load average from which the machine counts as busy at start (a core's worth of other work)"""
 
 
 def available_cores() -> int:
@@ -97,14 +99,23 @@ def apply_threads(requested: int) -> int:
     return count
 
 
-def configure_openmp_env(env: Optional[MutableMapping[str, str]] = None) -> Optional[str]:
-    """Let idle OpenMP threads sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE`) unless the environment already
-    chose (`OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` set). A spinning thread holds a core another process needs; on a
-    shared machine the threads of one parallel region then wait for a descheduled sibling. Returns the value set,
-    or None when the environment had chosen. Takes effect only before torch (and its OpenMP) is loaded; child
-    processes inherit it."""
+def configure_openmp_env(env: Optional[MutableMapping[str, str]] = None, load: Optional[float] = None) -> Optional[str]:
+    """Let idle OpenMP threads sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE`) when other work already keeps
+    at least one core busy (1-minute load average >= BUSY_LOAD at start), unless the environment chose
+    (`OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` set). Measured on the toy step (benchmarks/speed.py, 2 cores): with a busy
+    neighbour spinning threads wait for a descheduled sibling at every barrier and PASSIVE is 10-30x faster; on a
+    quiet machine spinning is about 1.5x faster than PASSIVE, so it is kept there. The wait policy changes no
+    result (only how threads idle), so choosing it by the load is safe, unlike the thread count. Returns the value
+    set, or None. Takes effect only before torch (and its OpenMP) is loaded; child processes inherit it."""
     env = os.environ if env is None else env
     if WAIT_POLICY_ENV in env or SPIN_ENV in env:
+        return None
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # no load average on this system
+            return None
+    if load < BUSY_LOAD:
         return None
     env[WAIT_POLICY_ENV] = DEFAULT_WAIT_POLICY
     return DEFAULT_WAIT_POLICY

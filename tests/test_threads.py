@@ -54,12 +54,14 @@ def test_bad_values_are_named(cores, monkeypatch):
         thread_cap()
 
 
-def test_the_wait_policy_is_set_only_where_the_environment_has_not_chosen():
+def test_the_wait_policy_is_passive_on_a_busy_machine_unless_the_environment_has_chosen():
     env = {}
-    assert configure_openmp_env(env) == "PASSIVE" and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert configure_openmp_env(env, load=1.5) == "PASSIVE" and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {}
+    assert configure_openmp_env(env, load=0.2) is None and env == {}  # quiet: spinning is faster, kept
     for chosen in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "10000"}):
         env = dict(chosen)
-        assert configure_openmp_env(env) is None and env == chosen
+        assert configure_openmp_env(env, load=5.0) is None and env == chosen
 
 
 def test_the_cli_sets_the_wait_policy_before_torch_loads():
