@@ -73,12 +73,10 @@ def cmd_parity(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    import torch
-
+    from diffrl_bench.threads import apply_threads
     from diffrl_bench.toy.pretrain import PretrainConfig, pretrain
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     pretrain(PretrainConfig(samples=args.samples, batch_size=args.batch_size, lr=args.lr, seed=args.seed), args.out)
     return 0
 
@@ -117,13 +115,12 @@ def _load_trained(policy, cfg, checkpoint: Path) -> None:
 def cmd_eval(args) -> int:
     import json
 
-    import torch
-
     from diffrl_bench.config import load_config
     from diffrl_bench.evaluate import build_eval_rewards, eval_snapshot, evaluate
     from diffrl_bench.models import THETA, build_policy
     from diffrl_bench.prompts import validate_prompt_sources
     from diffrl_bench.run_guards import check_model_path
+    from diffrl_bench.threads import apply_threads
 
     run_dir = Path(args.config)
     is_run = run_dir.is_dir() and (run_dir / "config.yaml").exists()
@@ -132,8 +129,7 @@ def cmd_eval(args) -> int:
     cfg = load_config(str(run_dir / "config.yaml") if is_run else args.config, args.overrides)
     prompts = validate_prompt_sources(cfg, train=False)["data.eval_prompts"]  # before any model is built
     check_model_path(cfg.model)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    apply_threads(cfg.train.threads)
     policy = build_policy(cfg.model)
     snapshot = THETA  # a model path is evaluated as it is
     if is_run:
@@ -242,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from diffrl_bench.threads import configure_openmp_env
+
+    configure_openmp_env()  # before anything imports torch: OpenMP reads it once, when it loads
     parser = build_parser()
     # Overrides may come after options (`train cfg --no-progress a=1`), which plain argparse refuses.
     args, extra = parser.parse_known_args(argv)

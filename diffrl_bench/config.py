@@ -141,7 +141,8 @@ class TrainConfig:
     """on CUDA, let fp32 matmuls and convolutions use TF32 (set at the start of the run; false leaves torch's
     defaults); for `mixed_precision: no` runs whose original did so (the ELBO-PG authors' fp32 + TF32)"""
     threads: int = 0
-    """torch intra-op threads on CPU; 0 leaves the default"""
+    """torch intra-op threads on CPU; 0: auto (the cores this process may use, capped by OMP_NUM_THREADS and
+    torch's default); never more than the available cores nor a sweep executor's share (diffrl_bench/threads.py)"""
     device: str = "auto"
     """`auto`, `cpu` or `cuda`"""
 
@@ -351,6 +352,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.train.budget_nfe >= 0, "train.budget_nfe", "must be non-negative (0: no limit)")
     need(cfg.train.budget_flops >= 0, "train.budget_flops", "must be non-negative (0: no limit)")
     need(cfg.train.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1")
+    need(cfg.train.threads >= 0, "train.threads", "must be 0 (auto) or a positive thread count")
     need(cfg.train.optimizer_steps_per_rollout >= 1, "train.optimizer_steps_per_rollout", "must be at least 1")
     need(cfg.eval.images_per_prompt >= 1, "eval.images_per_prompt", "must be at least 1")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be at least 1")

@@ -42,6 +42,7 @@ from diffrl_bench.run_guards import (check_device, check_model_path, check_resum
                                      stop_on_metrics)
 from diffrl_bench.runlog import MetricsLog, run_info
 from diffrl_bench.sampling import Transitions, sigma_grid
+from diffrl_bench.threads import apply_threads
 from diffrl_bench.trackers import Trackers
 
 log = logging.getLogger("diffrl_bench")
@@ -99,8 +100,7 @@ class Trainer:
     def _build(self, cfg: DictConfig, progress: bool) -> None:
         self.cfg = cfg
         self.progress = progress
-        if cfg.train.threads > 0:
-            torch.set_num_threads(cfg.train.threads)
+        apply_threads(cfg.train.threads)
         self.accelerator, self.deepspeed = make_accelerator(cfg.train)
         device = self.accelerator.device
         apply_tf32(cfg.train.allow_tf32, device)

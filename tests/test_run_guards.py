@@ -26,6 +26,7 @@ from diffrl_bench.train import Trainer, train
     ("optim.eps=0", "bad config key 'optim.eps': 0.0 must be positive"),
     ("eval.images_per_prompt=0", "bad config key 'eval.images_per_prompt': must be at least 1"),
     ("eval.batch_size=0", "bad config key 'eval.batch_size': must be at least 1"),
+    ("train.threads=-1", r"bad config key 'train.threads': must be 0 \(auto\) or a positive thread count"),
     ("advantage.clip=2.0", "bad config key 'advantage.clip': 2.0 would be ignored"),
     ("reward.components.toy_geneval=nan", "bad config key 'reward.components.toy_geneval': weight nan is not a finite"),
     ("reward.options.toy_geneval.strict_weigth=1", "bad config key 'reward.options.toy_geneval.strict_weigth': "

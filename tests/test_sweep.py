@@ -136,7 +136,7 @@ def test_fairness_keys_are_rejected_unless_ablated(tmp_path, tiny_model_dir):
 
 def test_a_preset_that_differs_in_a_fairness_key_is_caught_after_resolution(tmp_path, tiny_model_dir):
     # A config file that changes a fairness key the spec does not state: the arms would be evaluated differently.
-    (tmp_path / "other.yaml").write_text("algorithm: nft\neval:\n  seed: 99\n")
+    (tmp_path / "other.yaml").write_text("algorithm: nft\neval:\n  seed: 99\n  batch_size: 64\n")  # toy_nft's batch
     arms = {"a": {"config": "toy_nft"}, "b": {"config": "other.yaml"}}
     spec = load_spec(make_spec(tmp_path, tiny_model_dir, arms=arms))
     assert spec.arms[1].config == str((tmp_path / "other.yaml").resolve())  # found next to the spec
@@ -316,6 +316,87 @@ def test_submitit_local_executor_runs_a_run_to_done(tmp_path, tiny_model_dir):
     assert (run_dir / "DONE").exists() and [r["step"] for r in rows(run_dir)] == [1, 2]
     logs = list((tmp_path / "results" / "submitit").glob("*_log.out"))
     assert logs and os.getpid() != int(logs[0].name.split("_")[0])  # it ran in another process
+
+
+def numeric_rows(run_dir: Path) -> list:
+    """A run's logged values without the clock-dependent ones (seconds, device-hours, throughput)."""
+    return [{k: v for k, v in r.items() if not (k.endswith("_s") or k.startswith("time/") or "gpu_hours" in k
+                                                  or "per_s" in k)} for r in rows(run_dir)]
+
+
+def test_local_runs_side_by_side_share_the_cores_and_match_sequential_runs(tmp_path, tiny_model_dir, caplog):
+    """Two runs at once get an equal whole share of the cores each (here a spec asking 2 threads gets at most
+    cores // 2), and each is the run the sequential executor makes with that thread count, to the last digit."""
+    from diffrl_bench.sweep.executors import thread_share
+    from diffrl_bench.threads import available_cores
+
+    share = thread_share(2)
+    assert share == max(1, available_cores() // 2)
+    for where in ("side", "alone"):
+        (tmp_path / where).mkdir()
+    common = {"train.threads": 2, "rollout.chunk_size": 4, "rollout.sampler.num_steps": 3,
+              "train.micro_batch_size": 4, "algo.num_train_times": 2, "checkpoint.every": 1}
+    side = make_spec(tmp_path / "side", tiny_model_dir, reward="toy_geneval", common=common,
+                     executor={"kind": "local", "parallel": 2})
+    with caplog.at_level("INFO", logger="diffrl_bench.sweep"):
+        assert main([str(side), "--no-progress"]) == 0
+    expected_parallel = min(2, available_cores())
+    assert f"{expected_parallel} run(s) at a time, at most {share} CPU thread(s) per process" in caplog.text
+    alone = make_spec(tmp_path / "alone", tiny_model_dir, reward="toy_geneval",
+                      common={**common, "train.threads": share})
+    assert main([str(alone), "--no-progress"]) == 0
+    for arm in ("a", "b"):
+        got, ref = (tmp_path / where / "results" / "runs" / arm / "seed0" for where in ("side", "alone"))
+        assert (got / "DONE").exists()
+        assert json.loads((got / "run_info.json").read_text())["device_kind"] == f"cpu ({share} threads)"
+        assert numeric_rows(got) == numeric_rows(ref) and len(rows(got)) == 2
+    logs = list((tmp_path / "side" / "results" / "submitit").glob("*_log.out"))
+    assert len({p.name.split("_")[0] for p in logs}) == 2  # two job processes
+
+
+def test_ctrl_c_stops_every_local_job_and_the_sweep_resumes_them(tmp_path, tiny_model_dir):
+    steps = 10
+    path = make_spec(tmp_path, tiny_model_dir, reward="toy_geneval", steps=steps,
+                     executor={"kind": "local", "parallel": 2})
+    outs = [tmp_path / "results" / "runs" / arm / "seed0" for arm in ("a", "b")]
+
+    def checkpointed(out):
+        newest = latest_checkpoint(out / "checkpoints") if out.exists() else None
+        return newest is not None and int(newest.name[len(PREFIX):]) >= 2
+
+    with open(tmp_path / "sweep.log", "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "diffrl_bench.sweep", str(path), "--no-progress"],
+                                stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path)
+        deadline = time.time() + 180
+        try:
+            while not all(checkpointed(out) for out in outs):
+                assert proc.poll() is None, (tmp_path / "sweep.log").read_text()
+                assert time.time() < deadline, "sweep too slow"
+                time.sleep(0.05)
+            jobs = {int(p.name.split("_")[0]) for p in (tmp_path / "results" / "submitit").glob("*_log.out")}
+            proc.send_signal(signal.SIGINT)  # Ctrl-C on the sweep process alone
+            assert proc.wait(timeout=60) == 130, (tmp_path / "sweep.log").read_text()
+        finally:
+            proc.kill()
+            proc.wait()
+    assert len(jobs) == 2 and not [pid for pid in jobs if Path(f"/proc/{pid}").exists()], "a job outlived the sweep"
+    assert not any((out / "DONE").exists() for out in outs), "a run finished first; the test proves nothing"
+
+    assert main([str(path), "--no-progress"]) == 0
+    for out in outs:
+        assert [r["step"] for r in rows(out)] == list(range(1, steps + 1))  # every step once, resumed
+        assert json.loads((out / "DONE").read_text())["last_step"] == steps
+
+
+def test_parallel_cpu_runs_never_outnumber_the_cores(monkeypatch, tmp_path, tiny_model_dir):
+    from diffrl_bench.sweep import executors
+
+    monkeypatch.setattr(executors, "available_cores", lambda: 4)
+    spec = load_spec(make_spec(tmp_path, tiny_model_dir, executor={"kind": "local", "parallel": 6}))
+    assert executors.cpu_parallelism(spec, 6, has_devices=False) == 4
+    assert executors.cpu_parallelism(spec, 6, has_devices=True) == 6  # GPU runs: their CPU share is small
+    assert [executors.thread_share(p) for p in (1, 2, 3, 4)] == [4, 2, 1, 1]
+    assert executors.thread_share(2, processes=2) == 1  # accelerate's processes each count
 
 
 def test_slurm_executor_passes_its_parameters_to_submitit(tmp_path, tiny_model_dir, monkeypatch):

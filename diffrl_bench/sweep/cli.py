@@ -169,6 +169,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from diffrl_bench.threads import configure_openmp_env
+
+    configure_openmp_env()  # before torch loads, here and in every job process (they inherit it)
     parser = argparse.ArgumentParser(prog="diffrl-bench sweep", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true")
     add_arguments(parser)

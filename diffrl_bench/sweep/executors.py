@@ -1,5 +1,5 @@
-"""Executing a sweep's runs: in this process one after another, as submitit local jobs on disjoint device groups,
-or as one Slurm job array (jobs requeue themselves when preempted or timed out: job.RequeueableRun); a progress
+"""Executing a sweep's runs: in this process one after another, as submitit local jobs side by side (on disjoint
+device groups, sharing the CPU cores without oversubscribing them), or as one Slurm job array (jobs requeue themselves when preempted or timed out: job.RequeueableRun); a progress
 bar over runs; `execute` skips what is done or running elsewhere."""
 from __future__ import annotations
 
@@ -7,17 +7,21 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence
 
 from diffrl_bench.sweep.job import RequeueableRun, RunJob, run_job
 from diffrl_bench.sweep.spec import Spec, SweepError, SweepRun, spec_error
 from diffrl_bench.sweep.state import DONE, FAILED, FAILED_FILE, RUNNING, status_of
+from diffrl_bench.threads import available_cores
 
 log = logging.getLogger("diffrl_bench.sweep")
 
 # submitit's local executor kills a job after 2 minutes unless told otherwise; a training run takes far longer.
 LOCAL_TIMEOUT_MIN = 7 * 24 * 60
+# After Ctrl-C, how long the sweep waits for its local job processes to end (submitit kills them within seconds).
+CANCEL_WAIT_S = 30.0
 
 
 class Progress:
@@ -83,10 +87,33 @@ def device_groups(devices: Sequence[str], per_job: int) -> List[str]:
     return [",".join(devices[i:i + per_job]) for i in range(0, len(devices) - per_job + 1, per_job)]
 
 
-def _job(spec: Spec, run: SweepRun, devices: Optional[str] = None) -> RunJob:
+def _job(spec: Spec, run: SweepRun, devices: Optional[str] = None, max_threads: Optional[int] = None) -> RunJob:
     e = spec.executor
     return RunJob(run=run, launcher=e.launcher, num_processes=e.num_processes, launcher_args=e.launcher_args,
-                  devices=devices)
+                  devices=devices, max_threads=max_threads)
+
+
+def processes_per_run(spec: Spec) -> int:
+    return spec.executor.num_processes if spec.executor.launcher == "accelerate" else 1
+
+
+def thread_share(parallel: int, processes: int = 1, cores: Optional[int] = None) -> int:
+    """CPU threads per process when `parallel` runs of `processes` processes each share the cores: an equal
+    whole share, at least one (docs/sweeps.md, "Threads")."""
+    cores = available_cores() if cores is None else cores
+    return max(1, cores // (parallel * processes))
+
+
+def cpu_parallelism(spec: Spec, requested: int, has_devices: bool) -> int:
+    """At most as many concurrent CPU runs as their processes have cores: past that even one thread each
+    oversubscribes them. Runs on devices are left as asked (their CPU work is small)."""
+    cores = available_cores()
+    fits = max(1, cores // processes_per_run(spec))
+    if has_devices or requested <= fits:
+        return requested
+    log.warning("executor.parallel %d lowered to %d: %d cores fit %d CPU runs of %d process(es) at one thread "
+                "each; more would oversubscribe them", requested, fits, cores, fits, processes_per_run(spec))
+    return fits
 
 
 def _submitit_error(spec: Spec, error: Exception) -> SweepError:
@@ -105,9 +132,12 @@ def _execute_local(spec: Spec, runs: Sequence[SweepRun], progress: Progress) -> 
 
     import submitit
 
-    per_job = spec.executor.num_processes if spec.executor.launcher == "accelerate" else 1
+    per_job = processes_per_run(spec)
     groups = device_groups(_visible_devices(), per_job)
-    parallel = spec.executor.parallel or max(1, len(groups))
+    parallel = cpu_parallelism(spec, spec.executor.parallel or max(1, len(groups)), bool(groups))
+    # Runs side by side share the cores: each gets an equal whole share of threads, never oversubscribing them.
+    max_threads = thread_share(parallel, per_job)
+    log.info("local executor: %d run(s) at a time, at most %d CPU thread(s) per process", parallel, max_threads)
     executor = submitit.AutoExecutor(folder=spec.results_dir / "submitit", cluster="local")
     try:
         executor.update_parameters(**{"timeout_min": LOCAL_TIMEOUT_MIN, **spec.executor.parameters})
@@ -124,7 +154,7 @@ def _execute_local(spec: Spec, runs: Sequence[SweepRun], progress: Progress) -> 
         devices = slots.get()
         try:
             with submit_lock:
-                job = executor.submit(RequeueableRun(), _job(spec, run, devices))
+                job = executor.submit(RequeueableRun(), _job(spec, run, devices, max_threads))
                 jobs.append(job)
             where = f"local job {job.job_id}" + (f", CUDA_VISIBLE_DEVICES={devices}" if devices else "")
             progress.started(run, where)
@@ -141,10 +171,15 @@ def _execute_local(spec: Spec, runs: Sequence[SweepRun], progress: Progress) -> 
         for future in as_completed(futures):
             progress.finished(futures[future], future.result())
     except KeyboardInterrupt:
-        # Local job processes outlive this one unless told to stop.
+        # Local job processes outlive this one unless told to stop: each gets SIGINT (the run stops as on Ctrl-C,
+        # its checkpoints kept; submitit follows with SIGKILL after a second), and the sweep returns once they
+        # are gone, so that nothing of it is left running.
+        pool.shutdown(wait=False, cancel_futures=True)
         for job in list(jobs):
             job.cancel(check=False)
-        pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while any(not job.done() for job in list(jobs)) and time.monotonic() < deadline:
+            time.sleep(0.1)
         raise
     pool.shutdown()
 

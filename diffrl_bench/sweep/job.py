@@ -24,6 +24,7 @@ from diffrl_bench.fileio import atomic_write
 from diffrl_bench.sweep.spec import SweepRun
 from diffrl_bench.sweep.state import (ARM_FILE, DONE, DONE_FILE, FAILED, FAILED_FILE, RUNNING, identity_conflict,
                                       last_step, run_lock)
+from diffrl_bench.threads import MAX_THREADS_ENV
 
 log = logging.getLogger("diffrl_bench.sweep")
 
@@ -40,6 +41,9 @@ class RunJob:
     launcher_args: List[str] = field(default_factory=list)
     devices: Optional[str] = None
     """CUDA_VISIBLE_DEVICES for this job; None keeps the environment's"""
+    max_threads: Optional[int] = None
+    """the most CPU threads the run may use (threads.MAX_THREADS_ENV), its share of the cores when runs go side by
+    side; None keeps the environment's"""
     lock_wait_s: float = LOCK_WAIT_S
 
 
@@ -102,6 +106,9 @@ def run_job(job: RunJob) -> Dict[str, Any]:
     if job.devices is not None:
         # Before anything initialises CUDA in this job process.
         os.environ["CUDA_VISIBLE_DEVICES"] = job.devices
+    if job.max_threads is not None:
+        # Read by the run's thread policy (and inherited by an `accelerate launch`'s processes).
+        os.environ[MAX_THREADS_ENV] = str(job.max_threads)
     run, out = job.run, job.run.out
     result = {"run": run.id, "status": FAILED, "seconds": 0.0, "error": None}
     out.mkdir(parents=True, exist_ok=True)
