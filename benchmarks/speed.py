@@ -235,9 +235,8 @@ def main() -> None:
         prev = make("2 threads (previous path)", 2)
         passive2 = make("2 threads PASSIVE (default when busy)", 2, OMP_WAIT_POLICY="PASSIVE")
         workers = [prev, passive2]
-        if "quiet" not in skip or "busy" not in skip:
-            one = make("1 thread", 1)
-            workers.append(one)
+        one = make("1 thread", 1)
+        workers.append(one)
         if "quiet" not in skip:
             other = make("1 thread (second run)", 1)
             workers.append(other)
@@ -297,16 +296,18 @@ def main() -> None:
                   "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4); the issue measured 0.85x per step")
 
         if "eval" not in skip:
+            eval_workers = [w for w in (prev, passive2, one) if w is not None]
             print(f"\n5. evaluation sampling, {len(EVAL_BATCHES)} batch sizes, the held-out prompts x "
-                  f"{args.eval_images} images, 2 threads PASSIVE ({load_line()})")
-            times: Dict[int, List[float]] = {b: [] for b in EVAL_BATCHES}
-            for _ in range(repeats):
+                  f"{args.eval_images} images ({load_line()})")
+            for w in eval_workers:
+                times: Dict[int, List[float]] = {b: [] for b in EVAL_BATCHES}
+                for _ in range(repeats):
+                    for b in EVAL_BATCHES:
+                        times[b].append(w.ask(f"eval {b}")["s"])
                 for b in EVAL_BATCHES:
-                    times[b].append(passive2.ask(f"eval {b}")["s"])
-            for b in EVAL_BATCHES:
-                paired = [x / y for x, y in zip(times[b], times[EVAL_BATCHES[0]])]
-                print(f"  eval.batch_size {b:<4} median {statistics.median(times[b]):7.3f} s  min {min(times[b]):7.3f} s"
-                      f"  ratio {statistics.median(paired):.3f} vs {EVAL_BATCHES[0]} (the previous default)")
+                    paired = [x / y for x, y in zip(times[b], times[EVAL_BATCHES[0]])]
+                    print(f"  {w.name:<34} eval.batch_size {b:<4} median {statistics.median(times[b]):7.3f} s  min "
+                          f"{min(times[b]):7.3f} s  ratio {statistics.median(paired):.3f} vs {EVAL_BATCHES[0]}")
 
         if "flops" not in skip:
             print(f"\n6. FLOPs and utilisation ({load_line()})")

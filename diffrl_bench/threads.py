@@ -14,13 +14,15 @@ Both are capped by `MAX_THREADS_ENV`. The count is a deterministic function of t
 never of the momentary load, because the thread count can change float reduction order and with it the last
 digits of a run; the count used is recorded in the run's `run_info.json` (`device_kind`, "cpu (N threads)").
 
-`configure_openmp_env` (OMP_WAIT_POLICY=PASSIVE when the machine is busy at start) must run before torch is
+`configure_openmp_env` (OMP_WAIT_POLICY=PASSIVE when other processes keep a core busy at start) must run before torch is
 imported (the CLI entry points call it first thing): GNU OpenMP reads its wait policy once, when torch loads it.
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
+from pathlib import Path
 from typing import MutableMapping, Optional
 
 log = logging.getLogger("diffrl_bench")
@@ -31,8 +33,8 @@ WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
 # GNU OpenMP's own knob for the same spinning; a user who set either has chosen, and is left alone.
 SPIN_ENV = "GOMP_SPINCOUNT"
 DEFAULT_WAIT_POLICY = "PASSIVE"
-BUSY_LOAD = 1.0
-"""1-minute load average from which the machine counts as busy at start (a core's worth of other work)"""
+BUSY_LOAD = 0.5
+"""cores' worth of other processes' work (`busy_cores`) from which the machine counts as busy at start"""
 
 
 def available_cores() -> int:
@@ -99,21 +101,43 @@ def apply_threads(requested: int) -> int:
     return count
 
 
+def busy_cores(interval: float = 0.2) -> Optional[float]:
+    """How many cores' worth of work other processes are doing now: the machine's non-idle CPU time over a short
+    sample of /proc/stat, taken while this process sleeps (so its own start-up is not counted). None where
+    /proc/stat is missing. Unlike the load average (a one-minute mean), it does not still count a run that just
+    ended, e.g. the previous run of a sequential sweep."""
+    def sample():
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    cpus = os.cpu_count() or 1
+    return cpus * (1.0 - (idle1 - idle0) / (total1 - total0))
+
+
 def configure_openmp_env(env: Optional[MutableMapping[str, str]] = None, load: Optional[float] = None) -> Optional[str]:
-    """Let idle OpenMP threads sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE`) when other work already keeps
-    at least one core busy (1-minute load average >= BUSY_LOAD at start), unless the environment chose
-    (`OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` set). Measured on the toy step (benchmarks/speed.py, 2 cores): with a busy
-    neighbour spinning threads wait for a descheduled sibling at every barrier and PASSIVE is 10-30x faster; on a
-    quiet machine spinning is about 1.5x faster than PASSIVE, so it is kept there. The wait policy changes no
-    result (only how threads idle), so choosing it by the load is safe, unlike the thread count. Returns the value
-    set, or None. Takes effect only before torch (and its OpenMP) is loaded; child processes inherit it."""
+    """Let idle OpenMP threads sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE`) when other processes already
+    keep at least BUSY_LOAD cores' worth busy at start (`busy_cores`, or `load` when given), unless the environment
+    chose (`OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` set). Measured on the toy step (benchmarks/speed.py, 2-core Intel
+    Xeon): on a quiet machine spinning is faster (PASSIVE 1.68x the step time), with a busy neighbour PASSIVE is
+    faster (0.60x of spinning's, which waits for a descheduled sibling at every barrier), and far more so under
+    heavier load. The wait policy changes no result (only how threads idle), so choosing it by the machine's state
+    is safe, unlike the thread count. Returns the value set, or None. Takes effect only before torch (and its
+    OpenMP) is loaded; child processes inherit it."""
     env = os.environ if env is None else env
     if WAIT_POLICY_ENV in env or SPIN_ENV in env:
         return None
     if load is None:
-        try:
-            load = os.getloadavg()[0]
-        except OSError:  # no load average on this system
+        load = busy_cores()
+        if load is None:
             return None
     if load < BUSY_LOAD:
         return None

@@ -136,7 +136,7 @@ def test_fairness_keys_are_rejected_unless_ablated(tmp_path, tiny_model_dir):
 
 def test_a_preset_that_differs_in_a_fairness_key_is_caught_after_resolution(tmp_path, tiny_model_dir):
     # A config file that changes a fairness key the spec does not state: the arms would be evaluated differently.
-    (tmp_path / "other.yaml").write_text("algorithm: nft\neval:\n  seed: 99\n  batch_size: 64\n")  # toy_nft's batch
+    (tmp_path / "other.yaml").write_text("algorithm: nft\neval:\n  seed: 99\n")
     arms = {"a": {"config": "toy_nft"}, "b": {"config": "other.yaml"}}
     spec = load_spec(make_spec(tmp_path, tiny_model_dir, arms=arms))
     assert spec.arms[1].config == str((tmp_path / "other.yaml").resolve())  # found next to the spec

@@ -72,3 +72,22 @@ def test_the_cli_sets_the_wait_policy_before_torch_loads():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip().splitlines()[-1] == "[False]"
+
+
+def test_busy_cores_sees_another_process_spinning_on_a_core():
+    # A neighbour that keeps a core busy must count as busy (>= BUSY_LOAD) whatever else the machine does: other
+    # processes only add to the machine-wide non-idle time that busy_cores samples.
+    import subprocess
+    import sys
+
+    from diffrl_bench.threads import BUSY_LOAD, busy_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.5)  # let it start spinning
+        assert busy_cores(0.5) >= BUSY_LOAD
+    finally:
+        spinner.kill()
+        spinner.wait()
