@@ -280,5 +280,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
 
+def console_main() -> int:
+    """The `diffrl-bench` command: `main` in a process that has tcmalloc preloaded when one is installed
+    (`diffrl_bench/allocator.py`; it re-executes the command once to get it)."""
+    from diffrl_bench.allocator import preload_tcmalloc
+    from diffrl_bench.config import ConfigError
+
+    try:
+        preload_tcmalloc()
+    except ConfigError as error:
+        print(f"diffrl-bench: {error}", file=sys.stderr)
+        return 2
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
