@@ -119,7 +119,18 @@ def run_info(device_kind: str, world_size: int) -> dict:
             packages[name] = None
     return {"git_commit": git_commit(), "packages": packages, "python": sys.version.split()[0],
             "platform": platform.platform(), "device_kind": device_kind, "world_size": world_size,
-            "command": sys.argv}
+            "command": sys.argv, "cpu_env": cpu_env()}
+
+
+# What decides a CPU run's speed but not its results (the thread count is in device_kind): timings of two runs
+# compare only when these match.
+CPU_ENV_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LD_PRELOAD", "OMP_NUM_THREADS", "DIFFRL_BENCH_MAX_THREADS")
+
+
+def cpu_env() -> dict:
+    """The environment settings that shape a CPU run's speed (OpenMP wait policy, preloaded allocator, thread
+    caps), None where unset."""
+    return {key: os.environ.get(key) for key in CPU_ENV_KEYS}
 
 
 def _duration(seconds: float) -> str:

@@ -171,15 +171,20 @@ def test_a_nan_loss_stops_the_run_naming_step_and_quantity_without_a_checkpoint(
     assert [p.name for p in step_checkpoints(out / "checkpoints")] == ["step_0000001"]
 
 
-def test_a_non_finite_gradient_norm_stops_the_run_before_the_optimizer_step(tiny_run, tmp_path, monkeypatch):
-    trainer = Trainer(load_config("toy_nft", tiny_run("eval.every=-1", out=tmp_path / "g")), progress=False)
+def assert_step_stops_with_weights_untouched(trainer, match: str) -> None:
+    """The next RL step raises RunStopped matching `match`, before any optimizer step moved a weight."""
     before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
-    monkeypatch.setattr(trainer.accelerator, "clip_grad_norm_", lambda *a: torch.tensor(float("inf")))
-    with pytest.raises(RunStopped, match="step 1: the gradient norm is inf"):
+    with pytest.raises(RunStopped, match=match):
         trainer.rl_step()
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.trainable_parameters()))
     trainer.reward.close()
     trainer.release_run_dir()
+
+
+def test_a_non_finite_gradient_norm_stops_the_run_before_the_optimizer_step(tiny_run, tmp_path, monkeypatch):
+    trainer = Trainer(load_config("toy_nft", tiny_run("eval.every=-1", out=tmp_path / "g")), progress=False)
+    monkeypatch.setattr(trainer.accelerator, "clip_grad_norm_", lambda *a: torch.tensor(float("inf")))
+    assert_step_stops_with_weights_untouched(trainer, "step 1: the gradient norm is inf")
 
 
 def test_a_non_finite_metric_stops_the_run_before_its_row_is_written(tiny_run, tmp_path, monkeypatch):
@@ -217,14 +222,9 @@ def test_without_clipping_the_gradient_norm_is_still_checked(tiny_run, tmp_path)
     run before the optimizer step, naming the step and the norm; the weights are untouched."""
     trainer = Trainer(load_config("toy_nft", tiny_run("eval.every=-1", "optim.grad_clip=0", out=tmp_path / "g")),
                       progress=False)
-    params = list(trainer.policy.trainable_parameters())
-    before = [p.detach().clone() for p in params]
-    params[0].register_hook(lambda grad: torch.full_like(grad, math.inf))
-    with pytest.raises(RunStopped, match="step 1: the gradient norm is inf; the run stops before the optimizer step"):
-        trainer.rl_step()
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.policy.trainable_parameters()))
-    trainer.reward.close()
-    trainer.release_run_dir()
+    next(iter(trainer.policy.trainable_parameters())).register_hook(lambda grad: torch.full_like(grad, math.inf))
+    assert_step_stops_with_weights_untouched(
+        trainer, "step 1: the gradient norm is inf; the run stops before the optimizer step")
 
 
 def test_without_clipping_the_logged_norm_is_that_of_the_untouched_gradients(tiny_run, tmp_path, monkeypatch):

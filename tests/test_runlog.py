@@ -26,3 +26,15 @@ def test_summary_without_evaluations_says_so(tmp_path):
     _write(tmp_path, [{"step": 1, "reward/mean": 0.3, "cost/device_s": 4.2}])
     assert run_summary(tmp_path, ["toy_geneval"], 4.0) == (
         f"done: no held-out evaluation (eval.every < 0); took 4s; results in {tmp_path}")
+
+
+def test_run_info_records_what_shapes_a_cpu_runs_speed(monkeypatch):
+    # Two runs' timings compare only under the same wait policy and allocator, so both are kept with the run.
+    from diffrl_bench.runlog import run_info
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("LD_PRELOAD", "/x/libtcmalloc_minimal.so.4")
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    env = run_info("cpu (2 threads)", 1)["cpu_env"]
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["LD_PRELOAD"] == "/x/libtcmalloc_minimal.so.4"
+    assert env["GOMP_SPINCOUNT"] is None

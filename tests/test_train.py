@@ -178,6 +178,20 @@ def test_resuming_a_checkpoint_without_a_generator_state_names_it_and_changes_no
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+def flat_weights(module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+
+
+def weights_over_two_rl_steps(trainer):
+    """The policy's weights before and after each of two RL steps (for checking an EMA against them)."""
+    base = flat_weights(trainer.policy.core)
+    thetas = []
+    for _ in range(2):
+        trainer.rl_step()
+        thetas.append(flat_weights(trainer.policy.core))
+    return base, thetas
+
+
 @pytest.mark.parametrize("every,expected", [
     # decay min(0.9, (1 + n) / (10 + n)) after optimizer step n: 2/11 after step 1, 3/12 after step 2.
     (1, lambda base, t1, t2: (3 / 12) * ((2 / 11) * base + (9 / 11) * t1) + (9 / 12) * t2),
@@ -187,13 +201,8 @@ def test_evaluation_ema_follows_its_warmed_up_decay(tiny_run, tmp_path, every, e
     cfg = load_config("toy_nft", tiny_run("eval.every=-1", "optim.lr=1e-2", "eval.ema_decay=0.9",
                                           f"eval.ema_every={every}", out=tmp_path / f"ema{every}"))
     trainer = Trainer(cfg, progress=False)
-    flat = lambda module: torch.cat([p.detach().flatten().clone() for p in module.parameters()])  # noqa: E731
-    base = flat(trainer.policy.core)
-    thetas = []
-    for _ in range(2):
-        trainer.rl_step()
-        thetas.append(flat(trainer.policy.core))
-    torch.testing.assert_close(flat(trainer.policy.snapshots["eval_ema"]), expected(base, *thetas),
+    base, thetas = weights_over_two_rl_steps(trainer)
+    torch.testing.assert_close(flat_weights(trainer.policy.snapshots["eval_ema"]), expected(base, *thetas),
                                rtol=1e-5, atol=1e-6)
     assert not torch.allclose(thetas[1], base)
     trainer.reward.close()
@@ -207,15 +216,10 @@ def test_evaluation_ema_on_the_rl_step_clock_moves_after_each_rl_step_as_many_ti
                                           "eval.ema_updates_per_event=2", "train.optimizer_steps_per_rollout=2",
                                           out=tmp_path / "ema_rl"))
     trainer = Trainer(cfg, progress=False)
-    flat = lambda module: torch.cat([p.detach().flatten().clone() for p in module.parameters()])  # noqa: E731
-    base = flat(trainer.policy.core)
-    thetas = []
-    for _ in range(2):
-        trainer.rl_step()
-        thetas.append(flat(trainer.policy.core))
+    base, thetas = weights_over_two_rl_steps(trainer)
     first = 0.1 ** 2 * base + (1 - 0.1 ** 2) * thetas[0]
     expected = (2 / 11) ** 2 * first + (1 - (2 / 11) ** 2) * thetas[1]
-    torch.testing.assert_close(flat(trainer.policy.snapshots["eval_ema"]), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(flat_weights(trainer.policy.snapshots["eval_ema"]), expected, rtol=1e-5, atol=1e-6)
     assert trainer.optimizer_steps == 4
     trainer.reward.close()
 
