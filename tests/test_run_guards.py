@@ -154,17 +154,25 @@ def test_changed_keys_ignore_keys_one_version_lacks():
 
 
 # ------------------------------------------------------------------------------------------------- non-finite
-def test_a_nan_loss_stops_the_run_naming_step_and_quantity_without_a_checkpoint(tiny_run, tmp_path, monkeypatch):
-    out = tmp_path / "run"
+def three_step_run_poisoned_from_step_two(tiny_run, out, monkeypatch, poison) -> Trainer:
+    """A 3-step toy run, checkpointing every step, whose algorithm loss returns `poison(value, metrics)` from
+    step 2 on."""
     trainer = Trainer(load_config("toy_nft", tiny_run("train.steps=3", "eval.every=-1", "checkpoint.every=1", out=out)),
                       progress=False)
     loss = trainer.algo.loss
 
-    def nan_from_step_two(item, velocities):
+    def poisoned(item, velocities):
         value, metrics = loss(item, velocities)
-        return (value * math.nan if trainer.step >= 1 else value), metrics
+        return poison(value, metrics) if trainer.step >= 1 else (value, metrics)
 
-    monkeypatch.setattr(trainer.algo, "loss", nan_from_step_two)
+    monkeypatch.setattr(trainer.algo, "loss", poisoned)
+    return trainer
+
+
+def test_a_nan_loss_stops_the_run_naming_step_and_quantity_without_a_checkpoint(tiny_run, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    trainer = three_step_run_poisoned_from_step_two(
+        tiny_run, out, monkeypatch, lambda value, metrics: (value * math.nan, metrics))
     with pytest.raises(RunStopped, match="step 2: the loss of algorithm 'nft' is nan"):
         trainer.run()
     trainer.release_run_dir()
@@ -191,15 +199,8 @@ def test_a_non_finite_metric_stops_the_run_before_its_row_is_written(tiny_run, t
     """A finite loss with a NaN metric beside it (here from step 2): the run stops naming the metric and the step;
     step 2 has neither a row nor a checkpoint."""
     out = tmp_path / "run"
-    trainer = Trainer(load_config("toy_nft", tiny_run("train.steps=3", "eval.every=-1", "checkpoint.every=1", out=out)),
-                      progress=False)
-    loss = trainer.algo.loss
-
-    def nan_metric_from_step_two(item, velocities):
-        value, metrics = loss(item, velocities)
-        return value, {**metrics, "test_ratio": torch.tensor(math.nan if trainer.step >= 1 else 1.0)}
-
-    monkeypatch.setattr(trainer.algo, "loss", nan_metric_from_step_two)
+    trainer = three_step_run_poisoned_from_step_two(
+        tiny_run, out, monkeypatch, lambda value, metrics: (value, {**metrics, "test_ratio": torch.tensor(math.nan)}))
     with pytest.raises(RunStopped, match="step 2: metric 'loss/test_ratio' is nan; the run stops before this row"):
         trainer.run()
     trainer.release_run_dir()
