@@ -26,7 +26,7 @@ import torch
 
 from diffrl_bench.advantages import group_mean_centered
 from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem, require
-from diffrl_bench.algorithms.transition_items import (records_transitions, sampler_kind, transition_items,
+from diffrl_bench.algorithms.transition_items import (require_transition_sampler, transition_items,
                                                       transition_step)
 from diffrl_bench.config import resolve_sampler_options
 from diffrl_bench.registry import ALGORITHMS
@@ -229,10 +229,7 @@ class FlowDPPO:
 
     @staticmethod
     def check_run(config: FlowDPPOConfig, run: Any) -> None:
-        if not records_transitions(run):
-            raise ValueError(f"bad config key 'rollout.sampler.name': flow_dppo trains on the per-step likelihoods "
-                             f"of a stochastic sampler, but {run.rollout.sampler.name!r} is "
-                             f"{sampler_kind(run)}; use flow_grpo_sde")
+        require_transition_sampler(run, "flow_dppo")
         options = resolve_sampler_options(run.rollout.sampler)
         sde_type = options.get("sde_type")
         try:  # the step set is drawn per rollout: try the first one now, so a bad pool fails at load time

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem, require
-from diffrl_bench.algorithms.transition_items import (placeholder_loss, records_transitions, sampler_kind,
+from diffrl_bench.algorithms.transition_items import (placeholder_loss, require_transition_sampler,
                                                       trained_transition_steps, transition_items, transition_step)
 from diffrl_bench.flow import mean_chw
 from diffrl_bench.registry import ALGORITHMS
@@ -127,10 +127,7 @@ class FlowGRPO:
 
     @staticmethod
     def check_run(config: FlowGRPOConfig, run: Any) -> None:
-        if not records_transitions(run):
-            raise ValueError(f"bad config key 'rollout.sampler.name': flow_grpo trains on the per-step likelihoods of "
-                             f"a stochastic sampler, but {run.rollout.sampler.name!r} is {sampler_kind(run)}; "
-                             f"use flow_grpo_sde")
+        require_transition_sampler(run, "flow_grpo")
         # Checked with or without an SDE window (a window trains all its steps, but a fraction of 0 steps is a typo).
         steps = run.rollout.sampler.num_steps
         require(int(steps * config.timestep_fraction) >= 1, "timestep_fraction",

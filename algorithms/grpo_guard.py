@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem, require
-from diffrl_bench.algorithms.transition_items import (check_trained_transitions, records_transitions, sampler_kind,
+from diffrl_bench.algorithms.transition_items import (check_trained_transitions, require_transition_sampler,
                                                       placeholder_loss, trained_transition_steps, transition_items,
                                                       transition_step)
 from diffrl_bench.config import resolve_sampler_options
@@ -181,10 +181,7 @@ class GRPOGuard:
 
     @staticmethod
     def check_run(config: GRPOGuardConfig, run: Any) -> None:
-        if not records_transitions(run):
-            raise ValueError(f"bad config key 'rollout.sampler.name': grpo_guard trains on the per-step likelihoods "
-                             f"of a stochastic sampler, but {run.rollout.sampler.name!r} is "
-                             f"{sampler_kind(run)}; use flow_grpo_sde")
+        require_transition_sampler(run, "grpo_guard")
         sde_type = resolve_sampler_options(run.rollout.sampler).get("sde_type")
         # The ratio norm divides by the SDE's std_t sqrt(-dt); CPS's std has another meaning and no released recipe.
         if config.rationorm:

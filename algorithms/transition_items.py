@@ -30,6 +30,14 @@ def sampler_kind(run: Any) -> str:
     return getattr(sampler, "kind", "a deterministic ODE solver, whose steps have no density")
 
 
+def require_transition_sampler(run: Any, algorithm: str) -> None:
+    """Refuse a rollout sampler without per-step transition densities, for a method that trains on them."""
+    if not records_transitions(run):
+        raise ValueError(f"bad config key 'rollout.sampler.name': {algorithm} trains on the per-step likelihoods of a "
+                         f"stochastic sampler, but {run.rollout.sampler.name!r} is {sampler_kind(run)}; "
+                         f"use flow_grpo_sde")
+
+
 def trained_transition_steps(run: Any, timestep_fraction: float) -> int:
     """How many sampler steps a trajectory method records: every step of a window or step set, or the first
     int(N * fraction)."""
