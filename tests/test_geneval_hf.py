@@ -403,3 +403,25 @@ def test_server_backend_refuses_detector_options_and_the_package_stays_light():
             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
+
+
+def test_colour_weights_are_the_renormalised_mean_of_each_colours_normalised_template_embeddings():
+    # The one colour classifier both GenEval backends (mmdet + open_clip, HF + transformers' CLIP) build: a stub
+    # encoder with known embeddings gives the expected matrix, and the label reaches the templates.
+    from diffrl_bench.geneval.detectors import COLOR_TEMPLATES, COLORS, color_text_weights
+
+    seen = []
+
+    def encode(texts):
+        seen.extend(texts)
+        # template j of colour c: the vector (c + 1, j + 1, 0) scaled by j + 1, so normalising matters
+        c = COLORS.index(next(col for col in COLORS if f" {col} " in texts[0] or f" {col}-" in texts[0]))
+        return torch.tensor([[(c + 1.0) * (j + 1), (j + 1.0) ** 2, 0.0] for j in range(len(texts))])
+
+    weights = color_text_weights(torch, encode, "dog")
+    assert weights.shape == (3, len(COLORS))
+    for c in range(len(COLORS)):
+        rows = torch.tensor([[c + 1.0, j + 1.0, 0.0] for j in range(len(COLOR_TEMPLATES))])
+        mean = (rows / rows.norm(dim=1, keepdim=True)).mean(0)
+        torch.testing.assert_close(weights[:, c], mean / mean.norm())
+    assert "a photo of a red dog" in seen and "a photo of a blue-colored dog" in seen

@@ -11,6 +11,20 @@ from diffrl_bench.geneval.rules import Detection
 
 # GenEval's colour vocabulary: the classes the colour classifier chooses among.
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+COLOR_TEMPLATES = ("a photo of a {c} {label}", "a photo of a {c}-colored {label}", "a photo of a {c} object")
+
+
+def color_text_weights(torch, encode: Callable[[List[str]], Any], label: str):
+    """GenEval's zero-shot colour classifier for `label`: per colour, the mean of the normalised CLIP text
+    embeddings of COLOR_TEMPLATES, renormalised; a (dim, len(COLORS)) matrix. `encode(texts)` returns the text
+    embeddings of whichever CLIP implementation the backend runs."""
+    rows = []
+    with torch.no_grad():
+        for color in COLORS:
+            texts = [t.format(c=color, label=label) for t in COLOR_TEMPLATES]
+            emb = torch.nn.functional.normalize(encode(texts).float(), dim=-1).mean(0)
+            rows.append(emb / emb.norm())
+    return torch.stack(rows, dim=1)
 
 
 class Backend:
@@ -87,17 +101,9 @@ class Mask2FormerBackend(Backend):
         return out
 
     def _weights(self, label: str):
-        torch = self._torch
         if label not in self._color_weights:
-            templates = [f"a photo of a {{c}} {label}", f"a photo of a {{c}}-colored {label}",
-                         "a photo of a {c} object"]
-            rows = []
-            with torch.no_grad():
-                for color in COLORS:
-                    tokens = self.tokenizer([t.format(c=color) for t in templates]).to(self.device)
-                    emb = torch.nn.functional.normalize(self.clip.encode_text(tokens).float(), dim=-1).mean(0)
-                    rows.append(emb / emb.norm())
-            self._color_weights[label] = torch.stack(rows, dim=1)
+            self._color_weights[label] = color_text_weights(
+                self._torch, lambda texts: self.clip.encode_text(self.tokenizer(texts).to(self.device)), label)
         return self._color_weights[label]
 
     def classify_colors(self, image, detections, label):

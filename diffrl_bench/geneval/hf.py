@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from diffrl_bench.rewards._common import CLIP_MEAN, CLIP_STD, check_images, resolve_dtype, to_uint8_hwc
 
-from diffrl_bench.geneval.detectors import COLORS, Backend
+from diffrl_bench.geneval.detectors import COLORS, Backend, color_text_weights
 from diffrl_bench.geneval.metadata import check_image_records
 from diffrl_bench.geneval.rules import PARTIAL_MODES, Detection, Rules
 from diffrl_bench.geneval.server import score_images
@@ -53,7 +53,6 @@ GENEVAL_CLASSES: Tuple[str, ...] = (
     "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
     "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )
-COLOR_TEMPLATES = ("a photo of a {c} {label}", "a photo of a {c}-colored {label}", "a photo of a {c} object")
 
 # mmdet's img_norm_cfg for the Mask2Former configs (ImageNet statistics on the 0-255 scale).
 DETECTOR_MEAN = (123.675, 116.28, 103.53)
@@ -306,19 +305,13 @@ class HFMask2FormerBackend(Backend):
         return out
 
     def _weights(self, label: str):
-        torch = self._torch
         if label not in self._color_weights:
-            rows = []
-            with torch.no_grad():
-                for color in COLORS:
-                    texts = [t.format(c=color, label=label) for t in COLOR_TEMPLATES]
-                    tokens = self.tokenizer(texts, padding=True, return_tensors="pt")
-                    tokens = {k: v.to(self.device) for k, v in tokens.items()}
-                    emb = torch.nn.functional.normalize(_features(self.clip.get_text_features(**tokens)).float(),
-                                                        dim=-1).mean(0)
-                    rows.append(emb / emb.norm())
-            self._color_weights[label] = torch.stack(rows, dim=1)
+            self._color_weights[label] = color_text_weights(self._torch, self._encode_texts, label)
         return self._color_weights[label]
+
+    def _encode_texts(self, texts):
+        tokens = self.tokenizer(texts, padding=True, return_tensors="pt")
+        return _features(self.clip.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()}))
 
     def classify_colors(self, image, detections, label):
         from PIL import Image
