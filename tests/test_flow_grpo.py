@@ -11,6 +11,7 @@ from diffrl_bench.algorithms.flow_grpo import grpo_loss
 from diffrl_bench.sde import flow_grpo_sde_sample, sde_step_logprob
 from diffrl_bench.registry import SAMPLERS
 from diffrl_bench.sampling import StateRecorder, euler_sample, flow_sigmas
+from sde_checks import assert_stochastic_exactly_on, linear_field  # tests/sde_checks.py
 
 SHAPE = (4, 3, 4, 4)
 # An SD3-like grid (shift 3, 10 steps): first value 1, last 0.
@@ -249,8 +250,7 @@ def test_sde_keeps_the_marginals_of_the_flow_on_a_gaussian():
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _field(x, sigma):
-    return -0.4 * x + 0.3 * sigma.view(-1, 1, 1, 1)
+_field = linear_field
 
 
 def test_rollout_sampler_is_registered_and_noise_level_zero_is_the_euler_ode():
@@ -287,13 +287,7 @@ def test_sde_window_makes_only_w_consecutive_steps_stochastic():
     trajectory = recorder.trajectory(out.x0)
     idx = out.stochastic.nonzero().flatten().tolist()
     assert len(idx) == 3 and idx == list(range(idx[0], idx[0] + 3))
-    for i in range(10):
-        xi, nxt = trajectory[i], trajectory[i + 1]
-        euler = xi + _field(xi, torch.full((2,), float(sigmas[i]))) * (float(sigmas[i + 1]) - float(sigmas[i]))
-        if i in idx:
-            assert not torch.allclose(nxt, euler) and torch.isfinite(out.log_probs[i]).all()
-        else:
-            assert torch.equal(nxt, euler) and torch.isnan(out.log_probs[i]).all()
+    assert_stochastic_exactly_on(out, trajectory, sigmas, idx)
     with pytest.raises(ValueError, match="window_size"):
         flow_grpo_sde_sample(_field, x, sigmas, window_size=11)
 

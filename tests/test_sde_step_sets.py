@@ -9,10 +9,10 @@ from diffrl_bench.algorithm import RolloutBatch
 from diffrl_bench.algorithms.transition_items import transition_items
 from diffrl_bench.sampling import StateRecorder, Transitions, flow_sigmas
 from diffrl_bench.sde import draw_sde_steps, flow_grpo_sde_sample, sde_step_logprob, stochastic_steps
+from sde_checks import assert_stochastic_exactly_on, linear_field  # tests/sde_checks.py
 
 
-def _field(x, sigma):
-    return -0.4 * x + 0.3 * sigma.view(-1, 1, 1, 1)
+_field = linear_field
 
 
 SIGMAS = flow_sigmas(10, 3.0)
@@ -39,14 +39,7 @@ def test_step_set_is_the_seeded_one_and_ode_elsewhere():
                                generator=torch.Generator().manual_seed(4))
     chosen = draw_sde_steps(11, (0, 5), 3)
     assert out.stochastic.nonzero().flatten().tolist() == chosen
-    trajectory = recorder.trajectory(out.x0)
-    for i in range(10):
-        xi, nxt = trajectory[i], trajectory[i + 1]
-        euler = xi + _field(xi, torch.full((2,), float(SIGMAS[i]))) * (float(SIGMAS[i + 1]) - float(SIGMAS[i]))
-        if i in chosen:
-            assert not torch.allclose(nxt, euler) and torch.isfinite(out.log_probs[i]).all()
-        else:
-            assert torch.equal(nxt, euler) and torch.isnan(out.log_probs[i]).all()
+    assert_stochastic_exactly_on(out, recorder.trajectory(out.x0), SIGMAS, chosen)
 
 
 def test_step_set_depends_on_the_rollout_only_not_on_the_generator():
