@@ -237,13 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMPUTE_COMMANDS = ("train", "eval", "sweep", "pretrain-toy")
+"""the subcommands that run networks, hence whose OpenMP wait policy matters"""
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from diffrl_bench.threads import configure_openmp_env
 
-    configure_openmp_env()  # before anything imports torch: OpenMP reads it once, when it loads
     parser = build_parser()
     # Overrides may come after options (`train cfg --no-progress a=1`), which plain argparse refuses.
     args, extra = parser.parse_known_args(argv)
+    if args.command in COMPUTE_COMMANDS:
+        # Before anything imports torch (parsing does not): OpenMP reads it once, when it loads. Only where
+        # networks run, as it samples the machine's CPU use for 0.2 s.
+        configure_openmp_env()
     if extra:
         if not hasattr(args, "overrides") or any("=" not in item or item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

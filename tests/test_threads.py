@@ -66,12 +66,18 @@ def test_the_wait_policy_is_passive_on_a_busy_machine_unless_the_environment_has
 
 def test_the_cli_sets_the_wait_policy_before_torch_loads():
     # OpenMP reads the policy once, when torch loads it: the entry point must set it while torch is not imported.
-    code = ("import sys, diffrl_bench.cli as c; import diffrl_bench.threads as t; seen = []\n"
-            "t.configure_openmp_env = lambda env=None: seen.append('torch' in sys.modules)\n"
-            "c.main(['list'])\nprint(seen)")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    assert out.strip().splitlines()[-1] == "[False]"
+    # `list` runs no network, so it does not sample the machine; `train` does (the missing config file is refused
+    # after that). One process each: `list` itself imports torch.
+    def policy_calls(argv):
+        code = ("import sys, diffrl_bench.cli as c; import diffrl_bench.threads as t; seen = []\n"
+                "t.configure_openmp_env = lambda env=None: seen.append('torch' in sys.modules)\n"
+                f"c.main({argv!r})\nprint(seen)")
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        return out.stdout.strip().splitlines()[-1]
+
+    assert policy_calls(["train", "/nonexistent/cfg.yaml"]) == "[False]"
+    assert policy_calls(["list"]) == "[]"
 
 
 def test_busy_cores_sees_another_process_spinning_on_a_core():
