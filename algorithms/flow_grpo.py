@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem, require
-from diffrl_bench.algorithms.transition_items import (placeholder_loss, require_transition_sampler,
+from diffrl_bench.algorithms.transition_items import (clip_diagnostics, placeholder_loss, require_transition_sampler,
                                                       trained_transition_steps, transition_items, transition_step)
 from diffrl_bench.flow import mean_chw
 from diffrl_bench.registry import ALGORITHMS
@@ -76,14 +76,7 @@ def grpo_loss(
     else:
         loss = policy_loss
     metrics["loss"] = loss
-    with torch.no_grad():
-        metrics["approx_kl"] = 0.5 * torch.mean(log_ratio**2)
-        metrics["clipfrac"] = torch.mean((torch.abs(ratio - 1.0) > clip_range).float())
-        metrics["clipfrac_gt_one"] = torch.mean((ratio - 1.0 > clip_range).float())
-        metrics["clipfrac_lt_one"] = torch.mean((1.0 - ratio > clip_range).float())
-        metrics["ratio_mean"] = ratio.mean()
-        metrics["ratio_min"] = ratio.min()
-        metrics["ratio_max"] = ratio.max()
+    metrics.update(clip_diagnostics(log_ratio, ratio, clip_range))
     return loss, {name: value.detach() for name, value in metrics.items()}
 
 

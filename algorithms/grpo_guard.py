@@ -20,9 +20,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem, require
-from diffrl_bench.algorithms.transition_items import (check_trained_transitions, require_transition_sampler,
-                                                      placeholder_loss, trained_transition_steps, transition_items,
-                                                      transition_step)
+from diffrl_bench.algorithms.transition_items import (check_trained_transitions, clip_diagnostics, placeholder_loss,
+                                                      require_transition_sampler, trained_transition_steps,
+                                                      transition_items, transition_step)
 from diffrl_bench.config import resolve_sampler_options
 from diffrl_bench.flow import mean_chw
 from diffrl_bench.registry import ALGORITHMS
@@ -128,14 +128,7 @@ def grpo_guard_loss(
     else:
         loss = policy_loss
     metrics["loss"] = loss
-    with torch.no_grad():
-        metrics["approx_kl"] = 0.5 * torch.mean((log_prob - old_log_prob) ** 2)
-        metrics["clipfrac"] = torch.mean((torch.abs(ratio - 1.0) > clip_range).float())
-        metrics["clipfrac_gt_one"] = torch.mean((ratio - 1.0 > clip_range).float())
-        metrics["clipfrac_lt_one"] = torch.mean((1.0 - ratio > clip_range).float())
-        metrics["ratio_mean"] = ratio.mean()
-        metrics["ratio_min"] = ratio.min()
-        metrics["ratio_max"] = ratio.max()
+    metrics.update(clip_diagnostics(log_prob - old_log_prob, ratio, clip_range))
     return loss, {name: value.detach() for name, value in metrics.items()}
 
 

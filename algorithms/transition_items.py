@@ -30,6 +30,17 @@ def sampler_kind(run: Any) -> str:
     return getattr(sampler, "kind", "a deterministic ODE solver, whose steps have no density")
 
 
+def clip_diagnostics(log_ratio: torch.Tensor, ratio: torch.Tensor, clip_range: float) -> Dict[str, torch.Tensor]:
+    """PPO's logged diagnostics of a clipped ratio (no gradient): approx_kl (0.5 E[log_ratio^2]), the clipped
+    fractions (both sides, above, below) and the ratio's mean/min/max."""
+    with torch.no_grad():
+        return {"approx_kl": 0.5 * torch.mean(log_ratio**2),
+                "clipfrac": torch.mean((torch.abs(ratio - 1.0) > clip_range).float()),
+                "clipfrac_gt_one": torch.mean((ratio - 1.0 > clip_range).float()),
+                "clipfrac_lt_one": torch.mean((1.0 - ratio > clip_range).float()),
+                "ratio_mean": ratio.mean(), "ratio_min": ratio.min(), "ratio_max": ratio.max()}
+
+
 def require_transition_sampler(run: Any, algorithm: str) -> None:
     """Refuse a rollout sampler without per-step transition densities, for a method that trains on them."""
     if not records_transitions(run):
