@@ -302,7 +302,7 @@ class AWM:
         c = self.config
         options = {"index_range": c.time_index_range} if c.time_index_range is not None else {}
         times = sample_train_times(c.time_distribution, b, c.num_train_times, generator, grid=batch.sigmas,
-                                   **options).to(x0.dtype)
+                                   **options).to(x0)
         return times, torch.randn((c.num_train_times, *x0.shape), generator=generator).to(x0)
 
     def loss(self, item: TrainingItem, velocities: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:

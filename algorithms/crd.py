@@ -261,7 +261,7 @@ class CRD:
         # One draw per optimizer step, where the port draws per micro-batch: the same times for the port's recipe,
         # whose strata fix them, and a gradient that does not depend on the micro-batch size otherwise.
         options = {"index_range": c.time_index_range} if c.time_index_range is not None else {}
-        times = sample_train_times(c.time_distribution, B, T, generator, grid=batch.sigmas, **options).to(x0.dtype)
+        times = sample_train_times(c.time_distribution, B, T, generator, grid=batch.sigmas, **options).to(x0)
         eps = torch.randn((T, *x0.shape), generator=generator).to(x0)
         groups = batch.group_ids[indices]
         labels, groups = torch.unique(groups, return_inverse=True)

@@ -56,7 +56,8 @@ def dgpo_group_weights(
     """
     _, index = torch.unique(group_ids, return_inverse=True)
     term = advantages.detach() * beta_dpo * (dsm.detach() - ref_dsm.detach()) / group_size
-    sums = torch.zeros(int(index.max()) + 1, dtype=term.dtype, device=term.device).index_add_(0, index, term)
+    num_groups, index = int(index.max()) + 1, index.to(term.device)
+    sums = torch.zeros(num_groups, dtype=term.dtype, device=term.device).index_add_(0, index, term)
     logit = sums[index]
     return logit, torch.sigmoid(logit)
 

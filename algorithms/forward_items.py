@@ -55,7 +55,7 @@ def forward_process_items(x0: torch.Tensor, index: torch.Tensor, times: torch.Te
             take whole blocks of one time up to `micro_batch_size` pairs (at least one block). Default: the pairs are
             cut every `micro_batch_size`.
     """
-    times = times.to(x0.dtype)
+    times = times.to(x0)  # drawn on the generator's device (CPU), trained where x0 lives
     T, B = times.shape
     if noise_groups is None:
         eps = torch.randn((T, *x0.shape), generator=generator).to(x0)

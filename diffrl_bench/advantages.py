@@ -29,8 +29,8 @@ def _group_mean(values: torch.Tensor, index: torch.Tensor, num_groups: int) -> t
 
 def group_mean(values: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """Per-sample mean of `values` over the sample's group, (B,), in `values`' dtype (labels may be on any device)."""
-    index, num_groups = _group_index(group_ids.to(values.device))
-    return _group_mean(values, index, num_groups)
+    index, num_groups = _group_index(group_ids)  # grouped where the labels live (no sync for CPU labels)
+    return _group_mean(values, index.to(values.device), num_groups)
 
 
 def zero_variance_mask(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ velocities at each item and hands them to the pure `loss` function. See algorith
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
@@ -140,6 +140,20 @@ class TrainingItem:
     placeholder: bool = False
     """an item whose loss is exactly 0, run only so that a process with nothing to train still takes part in the
     step's collectives; it adds no samples to the step's mean"""
+
+    def to_values_device(self, device: torch.device) -> "TrainingItem":
+        """The item with its floating tensors (x, sigma and the float entries of `data`) on `device`.
+
+        Samplers and the policy leave some tensors on the accelerator (x0, transitions), while rewards,
+        advantages and the CPU generator's draws stay on the CPU. The loss gets every value on the policy's
+        device; integer labels and indices stay where the plugin put them, so grouping them (unique, bincount,
+        `int(max)`) needs no device synchronisation, and group helpers move their index to the values.
+        """
+        def move(value):
+            return value.to(device) if torch.is_tensor(value) and value.is_floating_point() else value
+
+        return replace(self, x=move(self.x), sigma=move(self.sigma),
+                       data={key: move(value) for key, value in self.data.items()})
 
 
 class Algorithm(Protocol):

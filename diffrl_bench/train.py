@@ -294,8 +294,9 @@ class Trainer:
         run as many items as the busiest process, the extra ones repeats with weight 0: under DeepSpeed every
         forward and backward is a collective.
         """
-        items = list(self.algo.training_items(batch, indices, self.cfg.train.micro_batch_size,
-                                              self.generators["train"]))
+        items = [item.to_values_device(self.accelerator.device)
+                 for item in self.algo.training_items(batch, indices, self.cfg.train.micro_batch_size,
+                                                      self.generators["train"])]
         shape = {(tuple(item.snapshots), item.cfg_scale, tuple(sorted(item.snapshot_cfg.items()))) for item in items}
         if len(shape) != 1:
             raise RuntimeError(f"algorithm {self.cfg.algorithm!r} returned {len(items)} training items that do not all "
