@@ -209,9 +209,22 @@ def replay_condition(policy, calls: List[Call]):
     return policy.encode_prompts(["gpu check"] * max(c.shape[0] for c in calls))
 
 
-def replay(policy, calls: List[Call], cond, optimizer, optimizer_steps: int, device: torch.device) -> None:
-    """The recorded calls made directly, with random inputs of the same shapes, then the optimizer steps."""
-    for call in calls:
+def step_after(calls: List[Call], optimizer_steps: int) -> List[int]:
+    """Indices of the calls after which the replay steps the optimizer: the theta calls with a backward split into
+    `optimizer_steps` consecutive shares, as the Trainer steps between its shares of one RL step's samples."""
+    backward = [k for k, call in enumerate(calls) if call.kind == "velocity" and call.grad]
+    steps = min(optimizer_steps, len(backward))
+    return [backward[-(-len(backward) * (j + 1) // steps) - 1] for j in range(steps)]
+
+
+def replay(policy, calls: List[Call], cond, accelerator, optimizer, optimizer_steps: int, device: torch.device) -> None:
+    """The recorded calls made directly, with random inputs of the same shapes, and the optimizer steps.
+
+    Backward and steps go as the Trainer's do: through the accelerator, and each step after its share of the
+    backward passes. Under fp16 mixed precision (Flow-GRPO's recipe) the optimizer steps through a gradient scaler,
+    which refuses a step with no scaled gradient behind it (seen on an H200 when all steps came after all passes)."""
+    stops = set(step_after(calls, optimizer_steps))
+    for k, call in enumerate(calls):
         x = torch.randn(call.shape, device=device)
         if call.kind == "decode":
             with torch.no_grad():
@@ -224,13 +237,25 @@ def replay(policy, calls: List[Call], cond, optimizer, optimizer_steps: int, dev
             v = policy.velocity(x, torch.rand(n, device=device), index_condition(cond, slice(0, n)),
                                 snapshot=call.snapshot, cfg_scale=call.cfg_scale)
         if call.grad:
-            v.float().square().mean().backward()
-    for _ in range(optimizer_steps):
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(v.float().square().mean())
+        if k in stops:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
 
 # ------------------------------------------------------------------------------------------- one algorithm
+def fresh_accelerate_state() -> None:
+    """Forget accelerate's process-wide state before the next algorithm's Trainer.
+
+    Each recipe builds its Accelerator with its own mixed precision (fp16, bf16 or none); accelerate keeps one
+    state per process and refuses a second precision, so without this every algorithm after the first whose
+    precision differs fails to build (seen on an H200)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def _rate(amount: float, seconds: float) -> Optional[float]:
     return amount / seconds if seconds > 0 else None
 
@@ -253,6 +278,7 @@ def check_algorithm(algorithm: str, args, out_dir: Path, device: torch.device, i
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
+    fresh_accelerate_state()
     trainer = Trainer(cfg, progress=False)
     try:
         sync(device)
@@ -314,7 +340,8 @@ def check_algorithm(algorithm: str, args, out_dir: Path, device: torch.device, i
         cond = replay_condition(policy, calls)
         sync(device)
         t0 = time.perf_counter()
-        replay(policy, calls, cond, trainer.optimizer, cfg.train.optimizer_steps_per_rollout, device)
+        replay(policy, calls, cond, trainer.accelerator, trainer.optimizer, cfg.train.optimizer_steps_per_rollout,
+               device)
         sync(device)
         bare = time.perf_counter() - t0
         row["overhead"] = {"harness_s": step_s, "bare_s": bare, "ratio": step_s / bare if bare > 0 else None}

@@ -35,7 +35,12 @@ def report(tmp_path_factory):
     def config_or_fail(algorithm, args, out_dir):
         if algorithm == "rft":
             raise RuntimeError("simulated failure of one algorithm")
-        return real_config(algorithm, args, out_dir)
+        cfg = real_config(algorithm, args, out_dir)
+        if algorithm == "flow_grpo":
+            # Another precision than nft's in the same process, as the recipes have on a GPU (fp16, bf16, none):
+            # accelerate's process-wide state refuses it unless the check resets it between algorithms.
+            cfg.train.mixed_precision = "bf16"
+        return cfg
 
     gpu_check.algorithm_config = config_or_fail
     out = tmp_path_factory.mktemp("gpu_check") / "check.json"
@@ -116,3 +121,43 @@ def test_algorithms_past_the_time_limit_are_recorded_as_skipped(tmp_path):
     report = load_script().main(["--tiny", "--no-matmul", "--algorithms", "nft,awm", "--time-limit", "1e-9"])
     assert [row["status"] for row in report["algorithms"].values()] == ["skipped", "skipped"]
     assert list(report["algorithms"]) == ["nft", "awm"]
+
+
+def test_the_replay_steps_the_optimizer_after_each_share_of_backward_passes():
+    """As the Trainer does, and as a gradient scaler (fp16) requires: every step has scaled gradients behind it."""
+    gpu_check = load_script()
+    Call = gpu_check.Call
+
+    def call(grad, kind="velocity"):
+        return Call(phase="train", kind=kind, shape=(2, 3), grad=grad)
+
+    calls = [call(False, "decode"), call(True), call(False), call(True), call(True), call(False), call(True), call(True)]
+    # 5 backward passes (calls 1, 3, 4, 6, 7) in 2 shares of ceil(5/2) = 3 and 2; one step: after the last.
+    assert gpu_check.step_after(calls, 2) == [4, 7]
+    assert gpu_check.step_after(calls, 1) == [7]
+    assert gpu_check.step_after(calls, 9) == [1, 3, 4, 6, 7]  # never a step without a pass behind it
+    assert gpu_check.step_after([call(False)], 2) == []
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    seen = []
+
+    class Policy:
+        def velocity(self, x, sigma, cond, *, snapshot, cfg_scale):
+            return x * weight
+
+        def decode(self, x):
+            return x
+
+    class Optimizer:
+        def step(self):
+            seen.append(weight.grad is not None and bool(weight.grad.abs().sum() > 0))
+
+        def zero_grad(self, set_to_none=True):
+            weight.grad = None
+
+    class Accelerator:
+        def backward(self, loss):
+            loss.backward()
+
+    gpu_check.replay(Policy(), calls, torch.zeros(2, 1), Accelerator(), Optimizer(), 2, torch.device("cpu"))
+    assert seen == [True, True]
