@@ -15,12 +15,14 @@ Figures:
 3. tcmalloc through LD_PRELOAD (when a libtcmalloc is installed: Debian's libtcmalloc-minimal4) against glibc;
 5. evaluation sampling time, eval.batch_size 64 (the toy presets' value) against 256 (the previous default);
 6. FLOPs per step (torch's FLOP counter over one real step: matmuls, convolutions, attention, forward and
-   backward as run) and the machine's float32 matmul rate at the same thread count, hence the utilisation.
+   backward as run) and the machine's float32 matmul rate at the same thread count, hence the utilisation;
+7. with `--compile`: `train.compile=on` against eager at 2 threads: per-step ratio, the compile warm-up of the
+   first step and the first evaluation, hence the break-even run length (`train.compile_min_steps`).
 
 The machine's load is printed (`os.getloadavg`) with the figures: a figure taken while other processes compete is
 a ratio under that load, not the machine's speed. Usage:
 
-    python benchmarks/speed.py [--long] [--repeats N] [--config toy_nft] [--skip busy,tcmalloc,...] [key=value ...]
+    python benchmarks/speed.py [--long] [--repeats N] [--config toy_nft] [--skip busy,tcmalloc,...] [--compile] [key=value ...]
 
 The default step is a quarter of the preset's (8 images: `rollout.prompts_per_step=1`) and 3 rounds, a few
 minutes on a quiet 2-core machine; `--long` uses the preset's own step and 5 rounds.
@@ -64,8 +66,9 @@ def worker(config: str, threads: int, overrides: Sequence[str], images_per_promp
     cfg = load_config(config, [f"output_dir={out}", "checkpoint.resume=false", "checkpoint.every=0",
                                f"train.threads={threads}", *overrides])
     trainer = Trainer(cfg, progress=False)
-    trainer.rl_step()
-    reply({"ready": True, "threads": torch.get_num_threads()})
+    start = time.perf_counter()
+    trainer.rl_step()  # warm-up; under train.compile it includes compiling the rollout and training shapes
+    reply({"ready": True, "threads": torch.get_num_threads(), "warmup_s": time.perf_counter() - start})
     for line in sys.stdin:
         command = line.strip()
         if command == "step":
@@ -104,14 +107,16 @@ def reply(payload: Dict) -> None:
 class Worker:
     """One variant: a worker process with its thread count and environment."""
 
-    def __init__(self, name: str, threads: int, env: Dict[str, str], args, log_dir: Path):
+    def __init__(self, name: str, threads: int, env: Dict[str, str], args, log_dir: Path,
+                 extra: Sequence[str] = ()):
         self.name, self.times = name, []
         command = [sys.executable, __file__, "--worker", "--threads", str(threads), "--config", args.config,
-                   "--eval-images", str(args.eval_images), *args.overrides]
+                   "--eval-images", str(args.eval_images), *args.overrides, *extra]
         self.log = open(log_dir / f"{name.replace(' ', '_')}.log", "w")
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      env=env, text=True, cwd=REPO)
         self.threads: Optional[int] = None
+        self.warmup_s: Optional[float] = None
 
     def send(self, command: str) -> None:
         self.proc.stdin.write(command + "\n")
@@ -161,7 +166,8 @@ def find_tcmalloc() -> Optional[str]:
 
 def start(workers: List[Worker]) -> None:
     for w in workers:  # one at a time: builds and warm-ups would otherwise compete for the cores
-        w.threads = w.receive()["threads"]
+        ready = w.receive()
+        w.threads, w.warmup_s = ready["threads"], ready["warmup_s"]
 
 
 def rounds(workers: Sequence[Worker], repeats: int, pair: Optional[Sequence[Worker]] = None) -> List[float]:
@@ -205,6 +211,8 @@ def main() -> None:
     parser.add_argument("--config", default="toy_nft")
     parser.add_argument("--long", action="store_true", help="the preset's own step size and 5 rounds")
     parser.add_argument("--repeats", type=int, default=0, help="rounds (default 3, --long 5)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also 7. torch.compile (train.compile=on) against eager at 2 threads: minutes of compiling")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: quiet, busy, tcmalloc, eval, flops")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
@@ -226,8 +234,8 @@ def main() -> None:
     started: List[Worker] = []
     quiet_min: Dict[str, float] = {}
 
-    def make(name: str, threads: int, **env: Optional[str]) -> Worker:
-        w = Worker(name, threads, base_env(**env), args, log_dir)
+    def make(name: str, threads: int, extra: Sequence[str] = (), **env: Optional[str]) -> Worker:
+        w = Worker(name, threads, base_env(**env), args, log_dir, extra)
         started.append(w)
         return w
 
@@ -308,6 +316,28 @@ def main() -> None:
                     paired = [x / y for x, y in zip(times[b], times[EVAL_BATCHES[0]])]
                     print(f"  {w.name:<34} eval.batch_size {b:<4} median {statistics.median(times[b]):7.3f} s  min "
                           f"{min(times[b]):7.3f} s  ratio {statistics.median(paired):.3f} vs {EVAL_BATCHES[0]}")
+
+        if args.compile:
+            compiled = make("2 threads train.compile=on", 2, ["train.compile=on"])
+            start([compiled])
+            print(f"\n7. torch.compile, 2 threads ({load_line()})")
+            for w in workers:
+                w.times = []
+            rounds([prev, compiled], repeats)
+            print(describe(prev, prev))
+            print(describe(compiled, prev))
+            first = {w.name: w.ask(f"eval {EVAL_BATCHES[0]}")["s"] for w in (prev, compiled)}
+            again = {w.name: w.ask(f"eval {EVAL_BATCHES[0]}")["s"] for w in (prev, compiled)}
+            extra = (compiled.warmup_s - prev.warmup_s) + (first[compiled.name] - first[prev.name])
+            saved = statistics.median(prev.times) - statistics.median(compiled.times)
+            print(f"  first step (warm-up): eager {prev.warmup_s:.1f} s, compiled {compiled.warmup_s:.1f} s; first "
+                  f"evaluation: eager {first[prev.name]:.1f} s, compiled {first[compiled.name]:.1f} s; second: eager "
+                  f"{again[prev.name]:.1f} s, compiled {again[compiled.name]:.1f} s")
+            if saved > 0:
+                print(f"  compilation costs {extra:.0f} s and saves {saved:.3f} s a step: break-even after "
+                      f"{extra / saved:.0f} RL steps (train.compile_min_steps; evaluations after the first not counted)")
+            else:
+                print(f"  compilation costs {extra:.0f} s and saves nothing per step here: never worth it")
 
         if "flops" not in skip:
             print(f"\n6. FLOPs and utilisation ({load_line()})")

@@ -145,6 +145,12 @@ class TrainConfig:
     torch's default); never more than the available cores nor a sweep executor's share (diffrl_bench/threads.py)"""
     device: str = "auto"
     """`auto`, `cpu` or `cuda`"""
+    compile: str = "off"
+    """torch.compile the policy's networks: `off`, `on`, or `auto` (on for runs of at least `compile_min_steps`
+    steps when a C++ compiler is present); off in every shipped preset (diffrl_bench/compile.py)"""
+    compile_min_steps: int = 320
+    """`compile: auto` compiles runs of at least this many RL steps: the break-even measured on a 2-core AMD EPYC
+    (compilation 6-8.6 min, compiled step 0.83x); `benchmarks/speed.py --compile` measures it on another machine"""
 
 
 @dataclass
@@ -353,6 +359,10 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.train.budget_flops >= 0, "train.budget_flops", "must be non-negative (0: no limit)")
     need(cfg.train.micro_batch_size >= 1, "train.micro_batch_size", "must be at least 1")
     need(cfg.train.threads >= 0, "train.threads", "must be 0 (auto) or a positive thread count")
+    # YAML reads a bare on / off as a boolean, which the str field then holds as "True" / "False".
+    cfg.train.compile = {"True": "on", "False": "off"}.get(str(cfg.train.compile), cfg.train.compile)
+    need(cfg.train.compile in ("off", "auto", "on"), "train.compile", f"{cfg.train.compile!r} is not off, auto or on")
+    need(cfg.train.compile_min_steps >= 0, "train.compile_min_steps", "must be non-negative")
     need(cfg.train.optimizer_steps_per_rollout >= 1, "train.optimizer_steps_per_rollout", "must be at least 1")
     need(cfg.eval.images_per_prompt >= 1, "eval.images_per_prompt", "must be at least 1")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be at least 1")

@@ -68,6 +68,9 @@ class SnapshotPolicy:
     theta by `update_snapshot` (`phi <- d phi + (1 - d) theta`). `ref` is simply a snapshot never updated.
     """
 
+    supports_compile = True
+    """theta and the snapshots are whole modules that `compile_networks` can compile in place"""
+
     def __init__(self, module: nn.Module):
         self.core = module
         self.module = module
@@ -90,6 +93,11 @@ class SnapshotPolicy:
 
     def snapshot_names(self):
         return list(self.snapshots)
+
+    def compile_networks(self) -> None:
+        """torch.compile theta and every snapshot in place (`train.compile`); parameter names are unchanged."""
+        for network in (self.core, *self.snapshots.values()):
+            network.compile()
 
     @torch.no_grad()
     def update_snapshot(self, name: str, decay: float) -> None:

@@ -75,6 +75,10 @@ class VelocityModule(nn.Module):
 class DiffusersFlowPolicy(SnapshotPolicy):
     """Base of the diffusers backends; subclasses fill in the class attributes and the `_`-methods below."""
 
+    # LoRA snapshots switch adapters on one transformer (recompiles under torch.compile's guards), and compiling a
+    # 2.5-12B transformer was not measured here: `train.compile` leaves these backends eager.
+    supports_compile = False
+
     backend_name = "?"
     presets: Dict[str, Preset] = {}
     velocity_module_class = VelocityModule

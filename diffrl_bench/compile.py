@@ -1,0 +1,73 @@
+"""Opt-in `torch.compile` of the policy's networks, for runs long enough to pay for it.
+
+Measured on a 2-core AMD EPYC (issue 18): a compiled toy step takes 0.83x the time of an eager one, but the
+compilation (the training, rollout and evaluation shapes each compile once) costs 6-8.6 minutes, so it is a net loss
+below about 320 RL steps, the toy presets' length is 150-300, and compiled kernels change the last digits. It is
+therefore off in every shipped preset and reference result; `train.compile: auto` turns it on for runs of at least
+`train.compile_min_steps` steps, `on` always. `benchmarks/speed.py --compile` measures both figures on the machine
+at hand (the compile warm-up and the per-step ratio), hence its break-even step count.
+
+Inductor builds C++ (on CPU) or Triton launchers (on GPU) with the system's C++ compiler: without one, `auto` stays
+eager and `on` is refused by name. Compilation is in place (`nn.Module.compile`), so state dicts, checkpoints and
+snapshot updates see the same parameter names as an eager run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Optional, Tuple
+
+SETTINGS = ("off", "auto", "on")
+log = logging.getLogger(__name__)
+
+
+class CompileUnavailable(ValueError):
+    """`train.compile: on` asked for what this run cannot do (no C++ compiler, an unsupported backend)."""
+
+
+def cxx_compiler() -> Optional[str]:
+    """The C++ compiler inductor would use ($CXX, else g++, c++, clang++ on PATH), or None."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        found = shutil.which(name) if name else None
+        if found:
+            return found
+    return None
+
+
+def decide(setting: str, steps: int, min_steps: int, compiler: Optional[str], supported: Optional[str]) -> Tuple[bool, str]:
+    """(compile?, why) for `train.compile = setting` on a run of `steps` RL steps.
+
+    `supported` is None when the run can compile its networks, else the reason it cannot (e.g. a backend without
+    in-place compilation, DeepSpeed). `on` raises `CompileUnavailable` where `auto` would quietly stay eager."""
+    if setting not in SETTINGS:
+        raise ValueError(f"train.compile: {setting!r} is not one of {SETTINGS}")
+    if setting == "off":
+        return False, "train.compile is off"
+    blocker = supported or (None if compiler else "no C++ compiler on PATH ($CXX, g++, c++, clang++), which "
+                                                  "torch.compile's inductor needs")
+    if setting == "on":
+        if blocker:
+            raise CompileUnavailable(f"train.compile: on, but {blocker}; set train.compile=off (or auto)")
+        return True, "train.compile is on"
+    if blocker:
+        return False, f"train.compile auto stays eager: {blocker}"
+    if steps < min_steps:
+        return False, (f"train.compile auto stays eager: {steps} RL steps are fewer than train.compile_min_steps = "
+                       f"{min_steps}, below which compiling costs more time than it saves")
+    return True, f"train.compile auto compiles: {steps} RL steps >= train.compile_min_steps = {min_steps}"
+
+
+def maybe_compile(policy, train_cfg, deepspeed: bool = False) -> bool:
+    """Compile the policy's networks in place when `decide` says so; returns whether it did."""
+    supported = None
+    if deepspeed:
+        supported = "DeepSpeed runs are not compiled here (its engine wraps the module)"
+    elif not getattr(policy, "supports_compile", False):
+        supported = (f"the {type(policy).__name__} backend is not compiled here (only the toy backend's networks, "
+                     f"where compilation was measured)")
+    chosen, why = decide(train_cfg.compile, train_cfg.steps, train_cfg.compile_min_steps, cxx_compiler(), supported)
+    (log.info if chosen or train_cfg.compile != "off" else log.debug)(why)
+    if chosen:
+        policy.compile_networks()
+    return chosen
