@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -61,16 +61,19 @@ def _device_kind(accelerator) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def _reduce_metric(key: str, acc, value: torch.Tensor, weight: float) -> float:
-    """Fold one micro-batch's metric into the step's: extremes (`*_max`, `*_min`) by max / min, others by weighted mean."""
+def _reduce_metric(key: str, acc: Optional[torch.Tensor], value: torch.Tensor, weight: float) -> torch.Tensor:
+    """Fold one micro-batch's metric into the step's: extremes (`*_max`, `*_min`) by max / min, others by weighted
+    mean. In float64 on the metric's device: reading each metric out per item (`float()`) would synchronise a GPU
+    about ten times an item and stall its queue; the step's values are read once, at its end."""
     value = value.detach().double()
     if key.endswith("_max"):
-        v = float(value.max())
-        return v if acc is None else max(acc, v)
+        v = value.max()
+        return v if acc is None else torch.maximum(acc, v)
     if key.endswith("_min"):
-        v = float(value.min())
-        return v if acc is None else min(acc, v)
-    return (0.0 if acc is None else acc) + float(value.mean()) * weight
+        v = value.min()
+        return v if acc is None else torch.minimum(acc, v)
+    v = value.mean() * weight
+    return v if acc is None else acc + v
 
 
 class Trainer:
@@ -315,8 +318,8 @@ class Trainer:
             items += [items[-1]] * (most - real)
             # The ledger is the main process's: it is charged every process's passes, repeats included.
             passed = int((counts[:, 2] + (most - counts[:, 1]) * counts[:, 3]).sum())
-        sums: Dict[str, float] = {}
-        problem = None  # this process's first non-finite loss of the optimizer step
+        sums: Dict[str, torch.Tensor] = {}
+        losses: List[torch.Tensor] = []  # read once, before the update (one synchronisation a step on a GPU)
         for k, item in enumerate(items):
             cond = index_condition(batch.cond, item.index)
             with self.accelerator.autocast():
@@ -324,8 +327,7 @@ class Trainer:
                                                       cfg_scale=item.snapshot_cfg.get(s, item.cfg_scale))
                               for s in item.snapshots}
             loss, metrics = self.algo.loss(item, velocities)
-            if problem is None:
-                problem = non_finite(float(loss.detach()), f"the loss of algorithm {self.cfg.algorithm!r}")
+            losses.append(loss.detach().double().reshape(()))
             counted = k < real and not item.placeholder
             # DDP and DeepSpeed average the processes' gradients: the world factor makes that the step's mean.
             weight = len(item.index) * self.world / step_total if counted else 0.0
@@ -335,7 +337,7 @@ class Trainer:
                 # Before that boundary, once per optimizer step and on every process together (a NaN in one
                 # process's share would otherwise reach the others through the reduced gradients, or leave them
                 # waiting): nothing has been applied yet.
-                stop_before_update(self.step + 1, self.processes.failures(problem))
+                stop_before_update(self.step + 1, self.processes.failures(self._first_non_finite_loss(losses)))
             if self.deepspeed:
                 self.accelerator.gradient_state._set_sync_gradients(last)
                 self.accelerator.backward(loss * weight)
@@ -354,12 +356,20 @@ class Trainer:
         backward = calls_per_velocity(item.snapshot_cfg.get(THETA, item.cfg_scale)) if THETA in item.snapshots else 0
         per_call = self.flop_meter.per_sample_forward(item.x.shape, batch.cond, item.x.dtype)
         self.ledger.add_flops("train", passed * (calls + BACKWARD_FACTOR * backward) * per_call)
-        return sums
+        return {key: float(value) for key, value in sums.items()}
+
+    def _first_non_finite_loss(self, losses: List[torch.Tensor]) -> Optional[str]:
+        """This process's first non-finite item loss of the optimizer step, named, or None."""
+        for value in torch.stack(losses).tolist():
+            problem = non_finite(value, f"the loss of algorithm {self.cfg.algorithm!r}")
+            if problem:
+                return problem
+        return None
 
     def optimize(self, batch: RolloutBatch) -> Dict[str, float]:
         """The algorithm's loss over the batch, split into `optimizer_steps_per_rollout` optimizer steps."""
         n_steps = self.cfg.train.optimizer_steps_per_rollout
-        sums: Dict[str, float] = {}
+        sums: Dict[str, torch.Tensor] = {}
         grad_norms = []
         size = batch.rewards.shape[0]
         order = torch.randperm(size, generator=self.generators["train"]) if self.cfg.train.shuffle else torch.arange(size)
@@ -385,7 +395,7 @@ class Trainer:
             if schedule is not None:
                 decays[name] = schedule(self.optimizer_steps)
                 self.policy.update_snapshot(name, decays[name])
-        row = {f"loss/{k}": v for k, v in sums.items()}
+        row = {f"loss/{k}": float(v) for k, v in sums.items()}
         if grad_norms:
             row["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         row.update({f"train/decay_{name}": d for name, d in decays.items()})
