@@ -5,7 +5,9 @@ compilation (the training, rollout and evaluation shapes each compile once) cost
 below about 320 RL steps, the toy presets' length is 150-300, and compiled kernels change the last digits. It is
 therefore off in every shipped preset and reference result; `train.compile: auto` turns it on for runs of at least
 `train.compile_min_steps` steps, `on` always. `benchmarks/speed.py --compile` measures both figures on the machine
-at hand (the compile warm-up and the per-step ratio), hence its break-even step count.
+at hand (the compile warm-up and the per-step ratio), hence its break-even step count: on a 2-core Intel Xeon
+(AVX-512) it measured 1.005x per step for 29 s of warm-up, a gain of nothing, so the break-even is machine-dependent
+and `compile_min_steps` should be set from that benchmark, not taken as given.
 
 Inductor builds C++ (on CPU) or Triton launchers (on GPU) with the system's C++ compiler: without one, `auto` stays
 eager and `on` is refused by name. Compilation is in place (`nn.Module.compile`), so state dicts, checkpoints and
