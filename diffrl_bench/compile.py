@@ -20,11 +20,14 @@ import os
 import shutil
 from typing import Optional, Tuple
 
+from diffrl_bench.config import ConfigError
+
 SETTINGS = ("off", "auto", "on")
+OFF = "train.compile is off"
 log = logging.getLogger(__name__)
 
 
-class CompileUnavailable(ValueError):
+class CompileUnavailable(ConfigError):
     """`train.compile: on` asked for what this run cannot do (no C++ compiler, an unsupported backend)."""
 
 
@@ -45,7 +48,7 @@ def decide(setting: str, steps: int, min_steps: int, compiler: Optional[str], su
     if setting not in SETTINGS:
         raise ValueError(f"train.compile: {setting!r} is not one of {SETTINGS}")
     if setting == "off":
-        return False, "train.compile is off"
+        return False, OFF
     blocker = supported or (None if compiler else "no C++ compiler on PATH ($CXX, g++, c++, clang++), which "
                                                   "torch.compile's inductor needs")
     if setting == "on":
@@ -60,16 +63,29 @@ def decide(setting: str, steps: int, min_steps: int, compiler: Optional[str], su
     return True, f"train.compile auto compiles: {steps} RL steps >= train.compile_min_steps = {min_steps}"
 
 
-def maybe_compile(policy, train_cfg, deepspeed: bool = False) -> bool:
-    """Compile the policy's networks in place when `decide` says so; returns whether it did."""
-    supported = None
+def blocker(backend_class, deepspeed: bool) -> Optional[str]:
+    """Why this run cannot compile its networks, or None."""
     if deepspeed:
-        supported = "DeepSpeed runs are not compiled here (its engine wraps the module)"
-    elif not getattr(policy, "supports_compile", False):
-        supported = (f"the {type(policy).__name__} backend is not compiled here (only the toy backend's networks, "
-                     f"where compilation was measured)")
-    chosen, why = decide(train_cfg.compile, train_cfg.steps, train_cfg.compile_min_steps, cxx_compiler(), supported)
-    (log.info if chosen or train_cfg.compile != "off" else log.debug)(why)
+        return "DeepSpeed runs are not compiled here (its engine wraps the module)"
+    if not getattr(backend_class, "supports_compile", False):
+        return (f"the {backend_class.__name__} backend is not compiled here (only the toy backend's networks, where "
+                f"compilation was measured)")
+    return None
+
+
+def decide_for_run(cfg) -> Tuple[bool, str]:
+    """`decide` for a whole run config, before any model is built (so `on` is refused at once)."""
+    from diffrl_bench.registry import MODELS
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    t = cfg.train
+    return decide(t.compile, t.steps, t.compile_min_steps, cxx_compiler(),
+                  blocker(MODELS.get(cfg.model.backend), deepspeed))
+
+
+def maybe_compile(policy, chosen: bool, why: str) -> bool:
+    """Compile the policy's networks in place when `decide` chose to; returns whether it did."""
+    (log.debug if why == OFF else log.info)(why)
     if chosen:
         policy.compile_networks()
     return chosen

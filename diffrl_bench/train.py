@@ -21,7 +21,7 @@ from tqdm import tqdm
 from diffrl_bench.advantages import group_advantages, zero_variance_mask
 from diffrl_bench.algorithm import RolloutBatch
 from diffrl_bench.checkpoint import load_checkpoint, newest_intact_checkpoint, save_checkpoint
-from diffrl_bench.compile import maybe_compile
+from diffrl_bench.compile import decide_for_run, maybe_compile
 from diffrl_bench.config import accepts_argument, algo_config, resolve_sampler_options, save_config
 from diffrl_bench.distributed import Processes, make_accelerator, make_generators
 from diffrl_bench.ds_checkpoint import load_engine_state, save_engine_state, whole_state_dict
@@ -88,6 +88,7 @@ class Trainer:
         self.out = output_dir_of(cfg)
         check_device(cfg.train.device, torch.cuda.is_available())
         check_model_path(cfg.model)
+        self.compile_choice = decide_for_run(cfg)  # `train.compile: on` refused here, before any model work
         self.loaded_prompts = validate_prompt_sources(cfg)
         self.run_lock = lock_run_dir(self.out) if is_main_launch_process() else None
         try:
@@ -132,7 +133,7 @@ class Trainer:
                 raise ValueError(f"algorithm {cfg.algorithm!r} samples with snapshot {sampling!r} "
                                  f"but declares only {list(self.algo.snapshots)}")
         # After the snapshots exist (they are copies of the eager core) and before accelerate wraps it.
-        self.compiled = maybe_compile(self.policy, cfg.train, deepspeed=bool(self.deepspeed))
+        self.compiled = maybe_compile(self.policy, *self.compile_choice)
         o = cfg.optim
         optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=o.lr, betas=tuple(o.betas),
                                       weight_decay=o.weight_decay, eps=o.eps)

@@ -71,16 +71,23 @@ def test_the_trainer_compiles_theta_and_every_snapshot_in_place(tiny_run, tmp_pa
         trainer.reward.close()
 
 
-def test_backends_that_switch_lora_adapters_are_not_compiled():
+def test_backends_that_switch_lora_adapters_and_deepspeed_are_not_compiled():
     from diffrl_bench.backends.diffusers_policy import DiffusersFlowPolicy
+    from diffrl_bench.backends.sd3 import SD3Backend
     from diffrl_bench.models import SnapshotPolicy
 
     assert SnapshotPolicy.supports_compile and not DiffusersFlowPolicy.supports_compile
+    assert "SD3Backend backend is not compiled" in compile_mod.blocker(SD3Backend, deepspeed=False)
+    assert "DeepSpeed" in compile_mod.blocker(SnapshotPolicy, deepspeed=True)
+    assert compile_mod.blocker(SnapshotPolicy, deepspeed=False) is None
 
-    class Config:
-        compile, steps, compile_min_steps = "on", 1, 320
 
-    with pytest.raises(CompileUnavailable, match="DiffusersFlowPolicy backend is not compiled"):
-        compile_mod.maybe_compile(DiffusersFlowPolicy.__new__(DiffusersFlowPolicy), Config())
-    with pytest.raises(CompileUnavailable, match="DeepSpeed"):
-        compile_mod.maybe_compile(object(), Config(), deepspeed=True)
+def test_on_is_refused_before_any_model_is_built(tiny_run, tmp_path, monkeypatch):
+    """No C++ compiler: the Trainer stops at its first checks, naming the key, before the model or the run folder."""
+    monkeypatch.setattr(compile_mod, "cxx_compiler", lambda: None)
+    built = []
+    monkeypatch.setattr("diffrl_bench.train.build_policy", lambda *a, **k: built.append(1))
+    cfg = load_config("toy_nft", tiny_run("train.compile=on", out=tmp_path / "refused"))
+    with pytest.raises(CompileUnavailable, match="train.compile: on, but no C\\+\\+ compiler"):
+        Trainer(cfg, progress=False)
+    assert not built and not (tmp_path / "refused" / "metrics.jsonl").exists()
