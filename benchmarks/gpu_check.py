@@ -428,6 +428,7 @@ def main(argv=None) -> Dict[str, Any]:
                     torch.cuda.empty_cache()
             report["algorithms"][algorithm] = row
             print(summary_line(row), flush=True)
+    fresh_accelerate_state()  # leave the process as found (a caller may build its own Accelerator next)
     report["wall_s"] = time.perf_counter() - started
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

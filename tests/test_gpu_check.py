@@ -49,6 +49,7 @@ def report(tmp_path_factory):
         returned = gpu_check.main(["--tiny", "--algorithms", "nft,flow_grpo,rft", "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
+        gpu_check.fresh_accelerate_state()  # the last algorithm's bf16 must not reach later tests' Accelerators
     written = json.loads(out.read_text())
     assert set(written["algorithms"]) == set(returned["algorithms"])
     return written
