@@ -40,23 +40,23 @@ def cxx_compiler() -> Optional[str]:
     return None
 
 
-def decide(setting: str, steps: int, min_steps: int, compiler: Optional[str], supported: Optional[str]) -> Tuple[bool, str]:
+def decide(setting: str, steps: int, min_steps: int, compiler: Optional[str], unsupported: Optional[str]) -> Tuple[bool, str]:
     """(compile?, why) for `train.compile = setting` on a run of `steps` RL steps.
 
-    `supported` is None when the run can compile its networks, else the reason it cannot (e.g. a backend without
+    `unsupported` is None when the run can compile its networks, else the reason it cannot (e.g. a backend without
     in-place compilation, DeepSpeed). `on` raises `CompileUnavailable` where `auto` would quietly stay eager."""
     if setting not in SETTINGS:
         raise ValueError(f"train.compile: {setting!r} is not one of {SETTINGS}")
     if setting == "off":
         return False, OFF
-    blocker = supported or (None if compiler else "no C++ compiler on PATH ($CXX, g++, c++, clang++), which "
-                                                  "torch.compile's inductor needs")
+    reason = unsupported or (None if compiler else "no C++ compiler on PATH ($CXX, g++, c++, clang++), which "
+                                                   "torch.compile's inductor needs")
     if setting == "on":
-        if blocker:
-            raise CompileUnavailable(f"train.compile: on, but {blocker}; set train.compile=off (or auto)")
+        if reason:
+            raise CompileUnavailable(f"train.compile: on, but {reason}; set train.compile=off (or auto)")
         return True, "train.compile is on"
-    if blocker:
-        return False, f"train.compile auto stays eager: {blocker}"
+    if reason:
+        return False, f"train.compile auto stays eager: {reason}"
     if steps < min_steps:
         return False, (f"train.compile auto stays eager: {steps} RL steps are fewer than train.compile_min_steps = "
                        f"{min_steps}, below which compiling costs more time than it saves")
@@ -75,12 +75,12 @@ def blocker(backend_class, deepspeed: bool) -> Optional[str]:
 
 def decide_for_run(cfg) -> Tuple[bool, str]:
     """`decide` for a whole run config, before any model is built (so `on` is refused at once)."""
+    from diffrl_bench.distributed import deepspeed_requested
     from diffrl_bench.registry import MODELS
 
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
     t = cfg.train
     return decide(t.compile, t.steps, t.compile_min_steps, cxx_compiler(),
-                  blocker(MODELS.get(cfg.model.backend), deepspeed))
+                  blocker(MODELS.get(cfg.model.backend), deepspeed_requested()))
 
 
 def maybe_compile(policy, chosen: bool, why: str) -> bool:

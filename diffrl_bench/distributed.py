@@ -46,6 +46,11 @@ def make_generators(seed: int, rank: int) -> Dict[str, torch.Generator]:
     return generators
 
 
+def deepspeed_requested() -> bool:
+    """Whether the launcher asked for DeepSpeed (`accelerate launch` with a DeepSpeed config sets this)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+
+
 def make_accelerator(train_cfg):
     """The accelerate `Accelerator` for `train.device` / `train.mixed_precision`, and whether DeepSpeed drives it."""
     from accelerate import Accelerator
@@ -55,7 +60,7 @@ def make_accelerator(train_cfg):
     precision = train_cfg.mixed_precision
     if precision == "auto":
         precision = "no" if want_cpu else "bf16"
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    deepspeed = deepspeed_requested()
     handlers = []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         # CPU processes talk over gloo; without it accelerate + DeepSpeed miscount the world (ENV_NOTES).
