@@ -9,6 +9,7 @@ finished trials only would favour the arms whose trials happen to finish first.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -20,6 +21,7 @@ from diffrl_bench.sweep.state import DONE, FAILED, status_of
 from diffrl_bench.sweep.tune import Trial, expand_trials, select_best, trial_budget, trial_config
 
 TUNE_DIR, CHOSEN_FILE = "tune", "chosen.json"
+log = logging.getLogger(__name__)
 
 
 def chosen_path(spec: Spec) -> Path:
@@ -125,14 +127,39 @@ def choose(spec: Spec, runs: Sequence[SweepRun]) -> Optional[Dict[str, Any]]:
 
 
 def load_chosen(spec: Spec) -> Optional[Dict[str, Any]]:
-    """chosen.json when the stage has been decided, else None."""
+    """chosen.json when the stage has been decided for the spec as it now is, else None.
+
+    A choice made before an arm was added to the spec (or before the space changed) is stale: taking it would
+    start the new arm's seeded runs with its untuned preset values. It is then set aside (None), the new trials
+    run, and `choose` decides again once every trial has ended; the other arms' trials and scores are unchanged,
+    so their choice, and the seeded runs already made with it, stay valid."""
     path = chosen_path(spec)
     if spec.tune is None or not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        chosen = json.loads(path.read_text())
     except ValueError as error:
         raise SweepError(f"{path} is unreadable ({error}); delete it to choose again from the trials") from None
+    stale = _stale_reason(spec, chosen)
+    if stale:
+        log.warning("tuning: %s was chosen before %s; choosing again once every trial has ended", path, stale)
+        return None
+    return chosen
+
+
+def _stale_reason(spec: Spec, chosen: Dict[str, Any]) -> Optional[str]:
+    arms = chosen.get("arms") if isinstance(chosen, dict) else None
+    if not isinstance(arms, dict):
+        return "its format changed (no 'arms' mapping)"
+    missing = [a.name for a in spec.arms if a.name not in arms]
+    if missing:
+        return f"arm(s) {', '.join(missing)} joined the spec"
+    points = {(t.arm, t.index): t.overrides for t in trials_of(spec)}
+    for arm, entry in arms.items():
+        expected = points.get((arm, entry.get("trial")))
+        if expected is not None and expected != entry.get("overrides"):
+            return f"the search space changed (arm {arm}, trial {entry.get('trial')})"
+    return None
 
 
 def chosen_overrides(chosen: Optional[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
