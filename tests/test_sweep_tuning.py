@@ -11,7 +11,8 @@ from diffrl_bench.config import load_config
 from diffrl_bench.prompts import PromptFileError, load_prompts
 from diffrl_bench.sweep import SweepError, expand, load_spec, main, validate_runs
 from diffrl_bench.sweep.state import ARM_FILE, DONE_FILE, FAILED_FILE
-from diffrl_bench.sweep.tuning import chosen_overrides, chosen_path, choose, expand_tuning, load_chosen, trials_of
+from diffrl_bench.sweep.tuning import (chosen_overrides, chosen_path, choose, expand_tuning, load_chosen, trials_of,
+                                      undecided_arms)
 
 TUNE = {"trials": 3, "seed": 0, "budget_fraction": 0.5, "validation": {"fraction": 0.25, "seed": 0},
         "space": {"optim.lr": {"log_uniform": [1.0e-5, 1.0e-3]},
@@ -114,8 +115,9 @@ def test_the_choice_takes_the_best_trial_per_arm_and_goes_into_the_seeded_runs(t
         validate_runs(spec, seeded)
 
 
-def test_an_arm_added_after_the_choice_is_tuned_before_its_seeded_runs(tmp_path):
-    # A choice without the new arm would start its seeded runs with the untuned preset values.
+def test_an_arm_added_after_the_choice_is_tuned_before_its_seeded_runs(tmp_path, capsys):
+    # Taking the old choice as it is would start the new arm's seeded runs with its untuned preset values;
+    # dropping it would refuse the earlier arms' seeded folders as "of a different definition".
     spec = load_spec(tune_spec(tmp_path))
     trials = expand_tuning(spec)
     scores = {"a/trial00": 0.3, "a/trial01": 0.7, "a/trial02": 0.5, "b/trial00": 0.4, "b/trial01": 0.2,
@@ -123,14 +125,20 @@ def test_an_arm_added_after_the_choice_is_tuned_before_its_seeded_runs(tmp_path)
     for run in trials:
         finish_trial(run, scores[run.id])
     first = choose(spec, trials)
+    for run in expand(spec, chosen_overrides(first))[:2]:          # seeded folders made with the first choice
+        run.out.mkdir(parents=True)
+        (run.out / ARM_FILE).write_text(json.dumps(run.record()))
     tune = {**TUNE, "space": {**TUNE["space"], "kl": {"key": {"a": "algo.kl_beta", "b": "algo.kl_beta", "c": None},
                                                       "log_uniform": [1.0e-4, 1.0e-1]}}}
-    grown = load_spec(tune_spec(tmp_path, tune=tune, arms={"a": {"config": "toy_nft"},
-                                                         "b": {"config": "toy_flow_grpo"},
-                                                         "c": {"config": "toy_grpo_guard"}}))
-    assert load_chosen(grown) is None                    # set aside, not taken without c
+    grown_path = tune_spec(tmp_path, tune=tune, arms={"a": {"config": "toy_nft"}, "b": {"config": "toy_flow_grpo"},
+                                                      "c": {"config": "toy_grpo_guard"}})
+    grown = load_spec(grown_path)
+    kept = load_chosen(grown)
+    assert kept["arms"] == first["arms"] and undecided_arms(grown, kept) == ["c"]
+    assert main([str(grown_path), "--status"]) == 0                 # the earlier seeded folders still fit
+    assert "waiting for the choice (c)" in capsys.readouterr().out
     all_trials = expand_tuning(grown)
-    assert choose(grown, all_trials) is None             # c's trials have not run
+    assert choose(grown, all_trials) is None                        # c's trials have not run
     for run in all_trials:
         if run.arm == "c":
             finish_trial(run, {0: 0.2, 1: 0.1, 2: 0.6}[run.trial])
@@ -139,8 +147,8 @@ def test_an_arm_added_after_the_choice_is_tuned_before_its_seeded_runs(tmp_path)
     assert {arm: again["arms"][arm] for arm in "ab"} == first["arms"]   # the earlier arms keep their choice
     c_trial = trials_of(grown)[-1]
     assert c_trial.arm == "c" and again["arms"]["c"]["overrides"] == {"optim.lr": c_trial.point["optim.lr"]}
-    assert load_chosen(grown) == again
-    # A changed range makes the recorded values wrong for the trial they name: set aside too.
+    assert load_chosen(grown) == again and undecided_arms(grown, again) == []
+    # A changed range makes the recorded values wrong for the trials they name: those arms are undecided again.
     moved = {**TUNE, "space": {**TUNE["space"], "optim.lr": {"log_uniform": [1.0e-6, 1.0e-5]}}}
     assert load_chosen(load_spec(tune_spec(tmp_path, tune=moved))) is None
 

@@ -15,7 +15,8 @@ from diffrl_bench.sweep.expansion import dotlist, expand, validate_runs
 from diffrl_bench.sweep.spec import EXECUTOR_KINDS, Spec, SweepError, SweepRun, load_spec
 from diffrl_bench.sweep.state import DONE, FAILED, FAILED_FILE, RUNNING, STATUSES, status_of, write_sweep_record
 from diffrl_bench.sweep.tune import TuneError
-from diffrl_bench.sweep.tuning import chosen_overrides, chosen_path, choose, expand_tuning, load_chosen, stage_progress
+from diffrl_bench.sweep.tuning import (chosen_overrides, chosen_path, choose, expand_tuning, load_chosen, stage_progress,
+                                       undecided_arms)
 
 log = logging.getLogger("diffrl_bench.sweep")
 
@@ -95,8 +96,8 @@ def run(args: argparse.Namespace) -> int:
             spec.executor.parallel = args.parallel
         trials_all = expand_tuning(spec)
         chosen = load_chosen(spec)
-        if spec.tune is not None and chosen is None and not (args.dry_run or args.status):
-            chosen = choose(spec, trials_all)
+        if undecided_arms(spec, chosen) and not (args.dry_run or args.status):
+            chosen = choose(spec, trials_all) or chosen
         runs = expand(spec, chosen_overrides(chosen))
         trials = trials_all
         if args.only:
@@ -110,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         if trials:
             validate_runs(spec, trials)
         validate_runs(spec, runs)
-        waiting = spec.tune is not None and chosen is None
+        undecided = undecided_arms(spec, chosen)
+        waiting = bool(undecided)
         if args.dry_run or args.status:
             statuses = {run.id: status_of(run) for run in trials + runs}
             if args.dry_run:
@@ -122,12 +124,13 @@ def run(args: argparse.Namespace) -> int:
                     print("seeded runs:")
                 if waiting:
                     ended, total = stage_progress(trials_all)
-                    print(f"  waiting for tuning ({ended}/{total} trials ended): the table shows each arm's own "
-                          "settings; the chosen values are added once every trial has ended")
+                    print(f"  waiting for tuning ({ended}/{total} trials ended) for {', '.join(undecided)}: their "
+                          "rows show each arm's own settings; the chosen values are added once every trial has ended")
                 print(format_table(runs, statuses))
             if args.status and trials:
                 print(f"tuning: {format_counts({r.id: statuses[r.id] for r in trials})}"
-                      + ("; waiting for the choice" if waiting else f"; chosen ({chosen_path(spec)})"))
+                      + (f"; waiting for the choice ({', '.join(undecided)})" if waiting
+                         else f"; chosen ({chosen_path(spec)})"))
             print(format_counts({r.id: statuses[r.id] for r in runs}))
             for run in trials + runs:
                 if args.status and statuses[run.id] == FAILED:
@@ -139,19 +142,22 @@ def run(args: argparse.Namespace) -> int:
         if trials:
             counts.update(execute(spec, trials, progress=not args.no_progress))
             if waiting:
-                chosen = choose(spec, trials_all)
-                if chosen is None:
+                decided = choose(spec, trials_all)
+                if decided is None:
                     ended, total = stage_progress(trials_all)
-                    log.warning("tuning: %d/%d trials ended; the seeded runs wait for the rest (run the other "
-                                "arms' trials, then this command again)", ended, total)
-                    runs = []
+                    log.warning("tuning: %d/%d trials ended; the seeded runs of %s wait for the rest (run the other "
+                                "arms' trials, then this command again)", ended, total, ", ".join(undecided))
+                    runs = [r for r in runs if r.arm not in undecided]
                 else:
+                    chosen = decided
                     log.info("tuning: chosen %s -> %s", {a: e["trial"] for a, e in chosen["arms"].items()},
                              chosen_path(spec))
                     names = {r.name for r in runs}
                     runs = [r for r in expand(spec, chosen_overrides(chosen)) if r.name in names]
                     validate_runs(spec, runs)
                     write_sweep_record(spec, trials_all + runs)
+        elif waiting:   # --only without the undecided arms' trials: their seeded runs still wait
+            runs = [r for r in runs if r.arm not in undecided]
         if runs:
             counts.update(execute(spec, runs, progress=not args.no_progress))
     except (SweepError, ConfigError, TuneError) as error:

@@ -127,39 +127,40 @@ def choose(spec: Spec, runs: Sequence[SweepRun]) -> Optional[Dict[str, Any]]:
 
 
 def load_chosen(spec: Spec) -> Optional[Dict[str, Any]]:
-    """chosen.json when the stage has been decided for the spec as it now is, else None.
+    """chosen.json when the stage has been decided, keeping only the arms whose recorded choice still fits the spec;
+    None when there is no such arm (or no file).
 
-    A choice made before an arm was added to the spec (or before the space changed) is stale: taking it would
-    start the new arm's seeded runs with its untuned preset values. It is then set aside (None), the new trials
-    run, and `choose` decides again once every trial has ended; the other arms' trials and scores are unchanged,
-    so their choice, and the seeded runs already made with it, stay valid."""
+    An arm added to the spec after the choice has none, and one whose values no longer match the space for the
+    trial they name (the range changed) has a stale one: taking the file as it is would start such an arm's seeded
+    runs with its untuned preset values, or with values no trial ran. Those arms are left out (`undecided_arms`
+    names them): their trials run, and `choose` decides again once every trial has ended; the other arms' trials
+    and scores are unchanged, so their choice, and the seeded runs already made with it, stay valid."""
     path = chosen_path(spec)
     if spec.tune is None or not path.is_file():
         return None
     try:
         chosen = json.loads(path.read_text())
-    except ValueError as error:
-        raise SweepError(f"{path} is unreadable ({error}); delete it to choose again from the trials") from None
-    stale = _stale_reason(spec, chosen)
-    if stale:
-        log.warning("tuning: %s was chosen before %s; choosing again once every trial has ended", path, stale)
-        return None
-    return chosen
+        arms = chosen["arms"]
+        points = {(t.arm, t.index): t.overrides for t in trials_of(spec)}
+        valid = {arm: entry for arm, entry in arms.items()
+                 if points.get((arm, entry["trial"])) == entry["overrides"]}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise SweepError(f"{path} is unreadable ({type(error).__name__}: {error}); delete it to choose again from "
+                         "the trials") from None
+    left_out = [a.name for a in spec.arms if a.name not in valid]
+    if left_out:
+        log.warning("tuning: %s has no choice that fits the spec for arm(s) %s (added, or their space changed); "
+                    "their seeded runs wait until every trial has ended and the choice is made again",
+                    path, ", ".join(left_out))
+    return {**chosen, "arms": valid} if valid else None
 
 
-def _stale_reason(spec: Spec, chosen: Dict[str, Any]) -> Optional[str]:
-    arms = chosen.get("arms") if isinstance(chosen, dict) else None
-    if not isinstance(arms, dict):
-        return "its format changed (no 'arms' mapping)"
-    missing = [a.name for a in spec.arms if a.name not in arms]
-    if missing:
-        return f"arm(s) {', '.join(missing)} joined the spec"
-    points = {(t.arm, t.index): t.overrides for t in trials_of(spec)}
-    for arm, entry in arms.items():
-        expected = points.get((arm, entry.get("trial")))
-        if expected is not None and expected != entry.get("overrides"):
-            return f"the search space changed (arm {arm}, trial {entry.get('trial')})"
-    return None
+def undecided_arms(spec: Spec, chosen: Optional[Dict[str, Any]]) -> List[str]:
+    """The spec's arms without a choice yet (all of them before the stage ends; none without a `tune:` section)."""
+    if spec.tune is None:
+        return []
+    decided = (chosen or {}).get("arms", {})
+    return [a.name for a in spec.arms if a.name not in decided]
 
 
 def chosen_overrides(chosen: Optional[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
