@@ -39,6 +39,20 @@ def test_shipped_claims_cover_the_methods_table():
     # The ELBO-PG port facts the issue names are recorded where a reader of claims.md sees them.
     assert "lr 1e-6" in by_pair[("elbo_pg", "nft", "speedup")].provenance["baseline"]
     assert "no Flow-GRPO" in by_pair[("elbo_pg", "flow_grpo", "speedup")].provenance["baseline"]
+    # Methods added later carry their claims too (issue 15: "and of any method added later").
+    for arm in ("grpo_guard", "flow_dppo"):
+        assert by_pair[(arm, "flow_grpo", "heldout")].heldout_metric == "toy_no_extra_objects"
+
+
+def test_the_reference_sweep_runs_every_arm_the_claims_name():
+    # A claim whose arm the reference sweep leaves out could only ever be `inconclusive`.
+    from diffrl_bench.sweep import load_spec
+
+    spec = load_spec(REPO / "sweeps" / "claims_toy.yaml")
+    named = {side for c in load_claims([REPO / "sweeps" / "claims"]) for side in (c.arm, c.baseline)}
+    assert named <= {a.name for a in spec.arms}
+    kl = next(d for d in spec.tune.space if d.name == "kl")
+    assert kl.keys["grpo_guard"] is None and kl.keys["flow_dppo"] is None   # no KL penalty in either release
 
 
 def test_fraction_derived_from_the_papers_numbers(tmp_path):
