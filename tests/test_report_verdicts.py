@@ -231,6 +231,44 @@ def test_run_folders_censored_baseline_curve_switches_to_lower_bound(tmp_path):
     assert np.allclose(curve.loc[curve["bound"] == V.ESTIMATE, "speedup"], 25.0)
 
 
+def test_threshold_ranges_merge_equal_verdicts_in_threshold_order():
+    nan, inf = float("nan"), float("inf")
+    curve = pd.DataFrame([   # given out of order: ranges follow the thresholds
+        {"fraction": 0.50, "threshold": 0.5, "speedup": 3.0, "ci_low": 2.0, "ci_high": 4.0, "bound": V.ESTIMATE},
+        {"fraction": 0.25, "threshold": 0.3, "speedup": 1.1, "ci_low": 0.8, "ci_high": 1.5, "bound": V.ESTIMATE},
+        {"fraction": 0.75, "threshold": 0.7, "speedup": 5.0, "ci_low": 4.0, "ci_high": 6.0, "bound": V.ESTIMATE},
+        {"fraction": 1.00, "threshold": 0.9, "speedup": 2.0, "ci_low": 2.0, "ci_high": inf, "bound": V.LOWER},
+    ])
+    ranges = V.threshold_ranges(curve, claimed=25.0)
+    assert [r["verdict"] for r in ranges] == [V.NOT_CHEAPER, V.SMALLER, V.INCONCLUSIVE]
+    assert (ranges[1]["lo"], ranges[1]["hi"]) == (0.5, 0.7)
+    assert (ranges[1]["speedup_lo"], ranges[1]["speedup_hi"]) == (3.0, 5.0)
+    assert ranges[1]["frac_lo"] == 0.5 and ranges[1]["frac_hi"] == 0.75
+    assert ranges[2]["bounds"] == [V.LOWER] and ranges[2]["speedup_lo"] == 2.0
+    # A claim of 4x is inside the interval at 0.5 and 0.7: the same points then read supported.
+    assert [r["verdict"] for r in V.threshold_ranges(curve, claimed=4.0)][:2] == [V.NOT_CHEAPER, V.SUPPORTED]
+    empty = pd.DataFrame([{"fraction": 0.1, "threshold": 0.2, "speedup": nan, "ci_low": nan, "ci_high": nan,
+                           "bound": V.NO_BOUND}])
+    assert V.threshold_ranges(empty, 25.0)[0]["verdict"] == V.INCONCLUSIVE
+
+
+def test_claims_md_reads_the_curve_as_ranges_and_writes_its_numbers(tmp_path):
+    # Known answer: 25x everywhere the baseline reaches (supported), lower bounds above its reach (inconclusive).
+    runs = make_results(tmp_path / "r", base_evals=12)
+    result = V.evaluate_claims(runs, HEADLINE, [claim(tmp_path)], n_boot=300, n_points=10)
+    curve = result.curves[result.table.iloc[0]["claim"]]
+    ranges = V.threshold_ranges(curve, 25.0)
+    assert [r["verdict"] for r in ranges] == [V.SUPPORTED, V.INCONCLUSIVE]
+    assert ranges[0]["speedup_lo"] == pytest.approx(25.0) and ranges[0]["speedup_hi"] == pytest.approx(25.0)
+    assert ranges[1]["bounds"] == [V.LOWER] and ranges[0]["hi"] < score(2.4, 1.0) < ranges[1]["lo"]
+    paths = write_claims(result, tmp_path / "out")
+    text = paths["md"].read_text()
+    assert "## Along the thresholds" in text and "supported, 25x" in text and "inconclusive, at least" in text
+    written = pd.read_csv(paths["curves_csv"])
+    assert list(written["claim"].unique()) == ["nft_25"] and len(written) == 10
+    assert np.allclose(written["threshold"], curve["threshold"])
+
+
 def test_run_folders_heldout_and_missing_arm_and_outputs(tmp_path):
     runs = make_results(tmp_path / "r", heldout=(0.9, 0.6))
     held = parse_claim({"claim": "crd hacks less", "source": "CRD", "kind": "heldout", "arm": "nft",

@@ -9,7 +9,8 @@ import numpy as np
 
 from diffrl_bench.fileio import atomic_write
 from diffrl_bench.report.figures import _save_figure
-from diffrl_bench.report.verdicts import ESTIMATE, LOWER, UPPER, ClaimsResult, _ratio, speedup_phrase
+from diffrl_bench.report.verdicts import (ESTIMATE, LOWER, NO_BOUND, UPPER, ClaimsResult, _ratio, speedup_phrase,
+                                         threshold_ranges)
 
 
 def plot_threshold_curves(result: ClaimsResult, path) -> Optional[Path]:
@@ -100,6 +101,7 @@ def claims_markdown(result: ClaimsResult, figure: Optional[str] = None) -> str:
         lines += [f"![speedup vs threshold]({figure})", "",
                   "Speedup against the threshold: the band is the interval where every seed of both arms reached; "
                   "triangles are one-sided bounds where some did not; the dashed line is the claim.", ""]
+    lines += _along_thresholds(result)
     lines += ["## Claims and how the papers ran their baselines", ""]
     for claim in result.claims:
         baseline = claim.provenance["baseline"].rstrip(".")
@@ -109,8 +111,46 @@ def claims_markdown(result: ClaimsResult, figure: Optional[str] = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _range_values(r) -> str:
+    kinds = [b for b in r["bounds"] if b != NO_BOUND]
+    if not np.isfinite(r["speedup_lo"]):
+        return "no estimate"
+    lo, hi = _ratio(r["speedup_lo"]), _ratio(r["speedup_hi"])
+    span = f"{lo}x" if lo == hi else f"{lo}x to {hi}x"
+    if kinds == [LOWER]:
+        return f"at least {span}"
+    if kinds == [UPPER]:
+        return f"at most {span}"
+    return span if kinds == [ESTIMATE] else f"{span} ({', '.join(kinds)})"
+
+
+def _along_thresholds(result: ClaimsResult) -> list:
+    """Per speedup claim, the verdict on the claimed number at every threshold of the curve, merged into ranges."""
+    lines = []
+    for claim in result.claims:
+        curve = result.curves.get(claim.name)
+        if claim.kind != "speedup" or curve is None or curve.empty:
+            continue
+        parts = []
+        for r in threshold_ranges(curve, claim.claimed_speedup):
+            if r["lo"] == r["hi"]:
+                where = f"{r['lo']:.3g} ({r['frac_lo']:.0%} of the gain)"
+            else:
+                where = f"{r['lo']:.3g} to {r['hi']:.3g} ({r['frac_lo']:.0%}-{r['frac_hi']:.0%} of the gain)"
+            parts.append(f"{where}: {r['verdict']}, {_range_values(r)}")
+        lines.append(f"- **{claim.name}** ({claim.arm} vs {claim.baseline}, claimed {claim.claimed_speedup:g}x): "
+                     + "; ".join(parts) + ".")
+    if not lines:
+        return []
+    return (["## Along the thresholds", "",
+             "The verdict on each claimed number at every threshold of the curve above (from just above the base's "
+             "score to the best arm's final), consecutive thresholds with the same verdict merged; the speedups are "
+             "the point estimates, or the bounds where one arm did not always reach. The curves' numbers are in "
+             "`claims_threshold_curves.csv`.", ""] + lines + [""])
+
+
 def write_claims(result: ClaimsResult, out_dir) -> Dict[str, Path]:
-    """claims.csv, claims.md and claims_threshold_curves.png into `out_dir` (atomically, like the report)."""
+    """claims.csv, claims.md, claims_threshold_curves.png and .csv into `out_dir` (atomically, like the report)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: Dict[str, Path] = {}
@@ -120,6 +160,14 @@ def write_claims(result: ClaimsResult, out_dir) -> Dict[str, Path]:
     table = result.table.reindex(columns=list(CSV_COLUMNS))
     atomic_write(out / "claims.csv", table.to_csv(index=False).encode())
     paths["csv"] = out / "claims.csv"
+    curves = [curve.assign(claim=name) for name, curve in result.curves.items() if not curve.empty]
+    if curves:
+        import pandas as pd
+
+        frame = pd.concat(curves, ignore_index=True)
+        frame = frame[["claim"] + [c for c in frame.columns if c != "claim"]]
+        atomic_write(out / "claims_threshold_curves.csv", frame.to_csv(index=False).encode())
+        paths["curves_csv"] = out / "claims_threshold_curves.csv"
     atomic_write(out / "claims.md", claims_markdown(result, figure.name if figure else None).encode())
     paths["md"] = out / "claims.md"
     return paths

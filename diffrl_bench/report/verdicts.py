@@ -278,6 +278,32 @@ def threshold_curve(runs: Sequence, arm: str, baseline: str, metric: str, cost_c
     return pd.DataFrame(rows)
 
 
+def threshold_ranges(curve: pd.DataFrame, claimed: float) -> List[Dict[str, object]]:
+    """The threshold curve read as verdicts: consecutive thresholds with the same verdict on `claimed` merged into
+    one range, in threshold order. Each range: `verdict`, `lo`/`hi` (thresholds), `frac_lo`/`frac_hi` (fractions of
+    the gain), `speedup_lo`/`speedup_hi` (the point estimates or bounds over the range, NaN where there is none) and
+    `bounds` (their kinds: estimate, lower bound, upper bound, none).
+    It says where along the thresholds a claim holds, where it does not, and where the runs cannot tell; at toy
+    scale the claim's own threshold often sits where the slow arm is censored."""
+    ranges: List[Dict[str, object]] = []
+    for row in curve.sort_values("threshold").to_dict("records"):
+        verdict, _ = classify(row["ci_low"], row["ci_high"], claimed, row["bound"])
+        value = float(row["speedup"])
+        if ranges and ranges[-1]["verdict"] == verdict:
+            last = ranges[-1]
+            last.update(hi=float(row["threshold"]), frac_hi=float(row["fraction"]))
+            if row["bound"] not in last["bounds"]:
+                last["bounds"].append(row["bound"])
+            if np.isfinite(value):
+                last["speedup_lo"] = float(np.nanmin([last["speedup_lo"], value]))
+                last["speedup_hi"] = float(np.nanmax([last["speedup_hi"], value]))
+            continue
+        ranges.append({"verdict": verdict, "lo": float(row["threshold"]), "hi": float(row["threshold"]),
+                       "frac_lo": float(row["fraction"]), "frac_hi": float(row["fraction"]),
+                       "speedup_lo": value, "speedup_hi": value, "bounds": [row["bound"]]})
+    return ranges
+
+
 @dataclass
 class ClaimsResult:
     table: pd.DataFrame
