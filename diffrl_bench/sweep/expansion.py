@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffrl_bench.config import ConfigError, load_config
-from diffrl_bench.sweep.spec import Spec, SweepError, SweepRun, dotted_leaves, key_under, spec_error
+from diffrl_bench.sweep.spec import (BUDGET_TARGETS, Spec, SweepError, SweepRun, budget_overrides, dotted_leaves,
+                                    key_under, spec_error)
 from diffrl_bench.sweep.state import identity_conflict
 
 
@@ -66,7 +67,7 @@ def expand(spec: Spec, tuned: Optional[Dict[str, Dict[str, Any]]] = None) -> Lis
                 # Later entries win: the arm may change `common`; an ablated key may change `fairness`.
                 values: Dict[str, Any] = {}
                 values.update(spec.common)
-                values.update(spec.budget_overrides())
+                values.update(budget_overrides(spec.budget_for(arm.name)))
                 values.update(spec.fairness)
                 values.update(arm.overrides)
                 values.update((tuned or {}).get(arm.name, {}))
@@ -117,4 +118,6 @@ def _fairness_view(spec: Spec, cfg) -> Dict[str, Any]:
         for part in key.split("."):
             node = node.get(part, "<unset>") if isinstance(node, dict) else "<unset>"
         view.update(dotted_leaves(node, key))
-    return {k: v for k, v in view.items() if not any(key_under(k, a) for a in spec.ablate + spec.per_arm)}
+    # Under `extend:` the budget differs between arms by design (budgets come only from `budget:` and `extend:`).
+    exempt = spec.ablate + spec.per_arm + (list(BUDGET_TARGETS.values()) if spec.extend else [])
+    return {k: v for k, v in view.items() if not any(key_under(k, a) for a in exempt)}

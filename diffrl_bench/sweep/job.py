@@ -22,8 +22,8 @@ from diffrl_bench.config import load_config
 from diffrl_bench.console import setup_logging
 from diffrl_bench.fileio import atomic_write
 from diffrl_bench.sweep.spec import SweepRun
-from diffrl_bench.sweep.state import (ARM_FILE, DONE, DONE_FILE, FAILED, FAILED_FILE, RUNNING, identity_conflict,
-                                      last_step, run_lock)
+from diffrl_bench.sweep.state import (ARM_FILE, DONE, DONE_FILE, FAILED, FAILED_FILE, RUNNING, extension_of,
+                                      identity_conflict, last_step, reopen_for_extension, run_lock)
 from diffrl_bench.threads import MAX_THREADS_ENV
 
 log = logging.getLogger("diffrl_bench.sweep")
@@ -119,7 +119,11 @@ def run_job(job: RunJob) -> Dict[str, Any]:
         return {**result, "status": RUNNING, "error": "another process holds the run's lock"}
     try:
         if (out / DONE_FILE).exists():
-            return {**result, "status": DONE, "skipped": True}
+            grown = extension_of(run)
+            if not reopen_for_extension(run):
+                return {**result, "status": DONE, "skipped": True}
+            log.info("extending %s: %s %g -> %g, from its last checkpoint", run.id, grown["key"], grown["recorded"],
+                     grown["new"])
         conflict = identity_conflict(run)
         if conflict:
             return {**result, "error": conflict}

@@ -29,9 +29,10 @@ RUN_KEYS = ("name", "output_dir", "train.seed", "checkpoint.resume", "log.group"
 DEFAULT_MAX_STEPS = 1_000_000
 
 SPEC_KEYS = ("name", "results_dir", "seeds", "budget", "fairness", "common", "arms", "grid", "ablate", "baseline",
-             "executor", "tune", "per_arm")
+             "executor", "tune", "per_arm", "extend")
 ARM_KEYS = ("config", "overrides")
 BUDGET_KEYS = ("steps", "gpu_hours", "nfe", "flops", "max_steps")
+EXTEND_KEYS = ("arms", "budget")
 EXECUTOR_KEYS = ("kind", "parallel", "launcher", "num_processes", "launcher_args", "parameters", "cluster")
 EXECUTOR_KINDS = ("sequential", "local", "slurm")
 LAUNCHERS = ("python", "accelerate")
@@ -88,6 +89,16 @@ class Spec:
     per_arm: List[str] = field(default_factory=list)
     """fairness keys each arm deliberately takes from its own config (its authors' setting, e.g. the evaluation
     CFG): exempt from the agreement check, not an ablation axis; the report states their values per arm"""
+    extend: Optional[Dict[str, Any]] = None
+    """`{arms: [...], budget: {kind: value}}`: these arms' seeded runs continue to a longer budget of the same kind,
+    so that a slow arm's cost to a high threshold is measured instead of censored; every comparison of finals
+    stays at the common `budget` (the report cuts the longer runs there)"""
+
+    def budget_for(self, arm: str) -> Dict[str, Any]:
+        """The budget of `arm`'s seeded runs: the extended one for an arm under `extend:`, else the sweep's."""
+        if self.extend and arm in self.extend["arms"]:
+            return {**self.budget, **self.extend["budget"]}
+        return self.budget
 
     def fairness_keys(self) -> List[str]:
         return list(FAIRNESS_SECTIONS) + list(FAIRNESS_KEYS) + [k for k in self.fairness if k not in FAIRNESS_KEYS]
@@ -102,7 +113,7 @@ class Spec:
                 "arms": {a.name: {"config": a.config, "overrides": a.overrides} for a in self.arms},
                 "grid": self.grid, "ablate": self.ablate, "baseline": self.baseline, "executor": asdict(self.executor),
                 "tune": self.tune_raw,
-                "per_arm": self.per_arm}
+                "per_arm": self.per_arm, "extend": self.extend}
 
 
 def budget_overrides(budget: Dict[str, Any]) -> Dict[str, Any]:
@@ -302,10 +313,37 @@ def load_spec(path: str | Path) -> Spec:
         except TuneError as error:
             raise SweepError(f"sweep spec {spec_path}: {error}") from None
 
+    extend = _parse_extend(spec_path, raw.get("extend"), budget, list(arms_raw))
     spec = Spec(spec_path, name, results_dir, seeds, budget, fairness, common, arms, grid, ablate, baseline, executor,
-                tune, tune_raw, per_arm)
+                tune, tune_raw, per_arm, extend)
     _check_fairness_rules(spec)
     return spec
+
+
+def _parse_extend(spec_path: Path, raw: Any, budget: Dict[str, Any], arms: List[str]) -> Optional[Dict[str, Any]]:
+    """`extend: {arms: [a, ...], budget: {<the sweep's budget kind>: larger value}}`, checked; None when absent."""
+    if raw is None:
+        return None
+    raw = _mapping(spec_path, "extend", raw)
+    _check_keys(spec_path, "extend", raw, EXTEND_KEYS)
+    chosen = raw.get("arms")
+    if not isinstance(chosen, list) or not chosen or not all(isinstance(a, str) for a in chosen):
+        raise spec_error(spec_path, "extend.arms", f"must be a non-empty list of arm names, got {chosen!r}")
+    unknown = [a for a in chosen if a not in arms]
+    if unknown:
+        raise spec_error(spec_path, "extend.arms", f"{unknown[0]!r} is not an arm ({arms})")
+    longer = _mapping(spec_path, "extend.budget", raw.get("budget"))
+    kind = next(k for k in BUDGET_TARGETS if k in budget)
+    if list(longer) != [kind]:
+        raise spec_error(spec_path, "extend.budget", f"give the sweep's budget kind only ({{{kind}: ...}}), got "
+                                                     f"{sorted(longer) or 'none'}")
+    value = longer[kind]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > budget[kind] or \
+            (kind not in REAL_BUDGETS and not isinstance(value, int)):
+        word = "number" if kind in REAL_BUDGETS else "integer"
+        raise spec_error(spec_path, f"extend.budget.{kind}", f"must be a {word} above the sweep's budget "
+                                                             f"{budget[kind]!r}, got {value!r}")
+    return {"arms": list(dict.fromkeys(chosen)), "budget": {kind: value}}
 
 
 def _check_fairness_rules(spec: Spec) -> None:

@@ -3,12 +3,13 @@ each run, and the sweep's own record `sweep.json`."""
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from diffrl_bench.fileio import atomic_write
-from diffrl_bench.sweep.spec import Spec, SweepRun
+from diffrl_bench.sweep.spec import BUDGET_TARGETS, Spec, SweepRun
 
 DONE_FILE, FAILED_FILE, LOCK_FILE, ARM_FILE = "DONE", "FAILED", ".lock", "arm.json"
 NEW, PARTIAL, RUNNING, DONE, FAILED = "new", "partial", "running", "done", "failed"
@@ -23,8 +24,72 @@ def _identity(record: Dict[str, Any]) -> Dict[str, Any]:
                           if not o.startswith(("output_dir=", "log.group=", "log.tags="))]}
 
 
+_BUDGET_KEYS = tuple(BUDGET_TARGETS.values())
+
+
+def _budgets(overrides) -> Dict[str, float]:
+    import yaml
+
+    out = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key in _BUDGET_KEYS:
+            try:
+                out[key] = float(yaml.safe_load(value))
+            except (TypeError, ValueError, yaml.YAMLError):
+                out[key] = float("nan")
+    return out
+
+
+def _budget_change(run: SweepRun) -> Optional[Dict[str, Any]]:
+    """When the run's folder holds the same run under another budget of the same kind: the key with its recorded
+    and new values; else None."""
+    path = run.out / ARM_FILE
+    try:
+        recorded = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    if recorded is None:
+        return None
+    mine, theirs = _identity(run.record()), _identity(recorded)
+    if mine["config"] != theirs["config"]:
+        return None
+    rest = [{o for o in side["overrides"] if o.partition("=")[0] not in _BUDGET_KEYS} for side in (mine, theirs)]
+    if rest[0] != rest[1]:
+        return None
+    new, old = _budgets(mine["overrides"]), _budgets(theirs["overrides"])
+    moved = [k for k in _BUDGET_KEYS if new.get(k, 0.0) != old.get(k, 0.0)]
+    if len(moved) != 1 or not old.get(moved[0], 0.0) > 0 or not new.get(moved[0], 0.0) > 0:
+        return None
+    return {"key": moved[0], "recorded": old[moved[0]], "new": new[moved[0]]}
+
+
+def extension_of(run: SweepRun) -> Optional[Dict[str, Any]]:
+    """When the run's folder holds the same run with a smaller budget (the spec's `extend:` raised it): the
+    budget key with its recorded and new values; else None. Such a run is continued, not refused: its first
+    budget is the recorded run itself (the training does not depend on the budget; resuming is exact)."""
+    change = _budget_change(run)
+    return change if change is not None and change["new"] > change["recorded"] else None
+
+
+def reopen_for_extension(run: SweepRun) -> bool:
+    """Make a finished run whose budget the spec raised resumable (the caller holds the run's lock and then writes
+    the new `arm.json`): its `DONE` marker and `arm.json` are kept as `DONE.before_extension` and
+    `arm.before_extension.json`, and the run resumes from its last checkpoint. False (nothing touched) when it is
+    not such a run."""
+    import shutil
+
+    if not (run.out / DONE_FILE).exists() or extension_of(run) is None:
+        return False
+    shutil.copy2(run.out / ARM_FILE, run.out / "arm.before_extension.json")
+    os.replace(run.out / DONE_FILE, run.out / f"{DONE_FILE}.before_extension")
+    return True
+
+
 def identity_conflict(run: SweepRun) -> Optional[str]:
-    """Why the run's folder cannot hold this run (its `arm.json` records another config or overrides), or None."""
+    """Why the run's folder cannot hold this run (its `arm.json` records another config or overrides), or None.
+    Another budget of the same kind is no conflict: a smaller one is extended (`extension_of`), and a run that went
+    further than the spec now asks (its `extend:` was removed) holds this one as its beginning and stays done."""
     path = run.out / ARM_FILE
     if not path.is_file():
         return None
@@ -33,7 +98,7 @@ def identity_conflict(run: SweepRun) -> Optional[str]:
     except (OSError, ValueError):
         return f"{path} is unreadable; it cannot be checked against run {run.id}"
     mine, theirs = _identity(run.record()), _identity(recorded)
-    if mine == theirs:
+    if mine == theirs or _budget_change(run) is not None:
         return None
     changed = sorted(set(mine["overrides"]) ^ set(theirs["overrides"]))
     if mine["config"] != theirs["config"]:
@@ -67,7 +132,8 @@ def status_of(run: SweepRun) -> str:
     if not out.is_dir():
         return NEW
     if (out / DONE_FILE).exists():
-        return DONE
+        # A finished run whose budget the spec has since raised (`extend:`) has more to run.
+        return PARTIAL if extension_of(run) is not None else DONE
     if _lock_held(out):
         return RUNNING
     if (out / FAILED_FILE).exists():
