@@ -290,6 +290,40 @@ def test_run_folders_heldout_and_missing_arm_and_outputs(tmp_path):
     assert paths["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_an_extended_baseline_is_judged_on_its_whole_runs_and_compared_at_the_common_budget(tmp_path):
+    # flow_grpo is nft stretched 25x along the cost axis: within the common budget (nft's whole run) it is
+    # censored; its extended runs (`extend:`) reach every threshold nft does, at 25x the cost.
+    from diffrl_bench.report import analyse
+
+    root = tmp_path / "r"
+    make_results(root)
+    common = 8.0 * TAU * max(SCALES)
+    (root / "sweep.json").write_text(json.dumps({"sweeps": {"t": {"spec": {
+        "budget": {"gpu_hours": common}, "extend": {"arms": ["flow_grpo"], "budget": {"gpu_hours": 30 * common}}}}}}))
+    analysis = analyse(root, n_boot=200)
+    cut = {r.seed: r for r in analysis.runs if r.arm == "flow_grpo"}
+    whole = {r.seed: r for r in analysis.full_runs if r.arm == "flow_grpo"}
+    for seed, run in cut.items():
+        costs = run.frame["cost/gpu_hours"].to_numpy()
+        assert costs[-1] >= common and costs[-2] < common          # up to the first row at the common budget
+        assert len(whole[seed].frame) == 41 > len(run.frame)
+    assert all(r.frame.equals(f.frame) for r, f in zip(analysis.runs, analysis.full_runs) if r.arm == "nft")
+    assert any("common budget" in note for note in analysis.notes)
+    final = analysis.summary.set_index("arm").loc["flow_grpo", "final_reward_mean"]
+    assert final == pytest.approx(np.mean([r.frame[HEADLINE].dropna().iloc[-1] for r in cut.values()]))
+    held = parse_claim({"claim": "nft hacks less", "source": "x", "kind": "heldout", "arm": "nft",
+                        "baseline": "flow_grpo", "metric": "GenEval", "heldout": {"metric": "toy_no_extra_objects"},
+                        "provenance": {"baseline": "unknown"}}, tmp_path / "held.yaml")
+    with_ext = V.evaluate_claims(analysis.runs, HEADLINE, [claim(tmp_path), held], n_boot=300, n_points=5,
+                                 full_runs=analysis.full_runs)
+    row = with_ext.table.set_index("claim").loc["nft_25"]
+    assert row["bound"] == V.ESTIMATE and row["speedup"] == pytest.approx(25.0) and row["verdict"] == V.SUPPORTED
+    assert with_ext.best_final == pytest.approx(score(8.0, 1.0))   # the best final is read at the common budget
+    assert with_ext.table.set_index("claim").loc["held", "difference"] == pytest.approx(0.3)
+    without = V.evaluate_claims(analysis.runs, HEADLINE, [claim(tmp_path)], n_boot=300, n_points=5)
+    assert without.table.iloc[0]["bound"] == V.LOWER and without.table.iloc[0]["verdict"] == V.INCONCLUSIVE
+
+
 def test_shipped_claims_run_against_synthetic_folders(tmp_path):
     runs = make_results(tmp_path / "r")
     here = Path(__file__).resolve().parents[1] / "sweeps" / "claims"

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 
 from diffrl_bench.ledger import PHASES
-from diffrl_bench.report.completeness import spec_baseline, unfinished_runs
+from diffrl_bench.report.completeness import spec_baseline, spec_extension, unfinished_runs
 from diffrl_bench.report.errors import ReportError, UnknownArmError
-from diffrl_bench.report.runs import (COST_UNITS, MISSING, RunResult, config_value, load_runs, phase_breakdown,
-                                     resolve_metrics)
+from diffrl_bench.report.runs import (COST_UNITS, MISSING, RunResult, config_value, cut_at_budget, load_runs,
+                                     phase_breakdown, resolve_metrics)
 from diffrl_bench.report.stats import bootstrap_ci, speedup_ci, t_interval, threshold_crossing
 from diffrl_bench.report.wording import speedup_sentence
 
@@ -68,6 +68,9 @@ class Analysis:
     ablation_effects: Optional[pd.DataFrame] = None
     tuning: List[str] = field(default_factory=list)
     """report.md lines on the sweep's tuning stage (`tuning_lines`)"""
+    full_runs: Optional[List[RunResult]] = None
+    """under a sweep's `extend:`, the runs as they are (the extended arms' longer runs whole); `runs` then holds
+    them cut at the common budget, which every table, final and held-out comparison reads. None otherwise."""
 
 
 def recorded_sweeps(results_dir) -> Dict[str, Any]:
@@ -171,6 +174,16 @@ def analyse(results_dir, *, baseline: Optional[str] = None, threshold: Optional[
         raise ReportError(f"the threshold fraction must be positive, got {threshold_fraction}")
     runs = load_runs(results_dir)
     headline, heldout, notes = resolve_metrics(runs, metric)
+    full_runs = None
+    extension = spec_extension(results_dir)
+    if extension is not None:
+        full_runs = runs
+        runs = [cut_at_budget(r, extension["column"], extension["budget"]) if r.arm in extension["arms"] else r
+                for r in runs]
+        notes.append(f"{', '.join(extension['arms'])} ran on to {extension['extended']:g} {extension['kind']} "
+                     f"(`extend:`) so that their cost to the claims' thresholds is measured, not censored; every "
+                     f"table, final score and held-out comparison here reads them at the common budget "
+                     f"({extension['budget']:g} {extension['kind']}), the claims' crossing costs read the whole runs")
     arms = sorted({r.arm for r in runs})
     unfinished = unfinished_runs(results_dir)
     if unfinished:
@@ -286,4 +299,4 @@ def analyse(results_dir, *, baseline: Optional[str] = None, threshold: Optional[
             raise ReportError(f"no run under {results_dir} sets every ablated key {keys} in its config.yaml")
     return Analysis(Path(results_dir), runs, arms, headline, heldout, notes, baseline, baseline_reason, threshold,
                     threshold_reason, level, int(n_boot), summary, per_run, sentences, keys, by_arm, by_value,
-                    tuning_lines(results_dir))
+                    tuning_lines(results_dir), full_runs)

@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
             verdicts = evaluate_claims(analysis.runs, analysis.headline, claims, n_boot=args.n_boot,
                                        level=args.level, seed=args.seed, min_seeds=args.claims_min_seeds,
                                        power=args.claims_power,
-                                       cost=args.claims_cost or spec_budget_cost(args.results_dir))
+                                       cost=args.claims_cost or spec_budget_cost(args.results_dir),
+                                       full_runs=analysis.full_runs)
         report = write_analysis(analysis, args.out, claims=verdicts)
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)

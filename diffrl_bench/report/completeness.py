@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from diffrl_bench.report.errors import ReportError
 
@@ -58,3 +58,32 @@ def spec_budget_cost(results_dir) -> Optional[str]:
     except (ValueError, AttributeError) as error:
         raise ReportError(f"cannot read {path}: {error}") from error
     return "flops" if budgets and all("flops" in b for b in budgets) else None
+
+
+# The metrics column each budget kind is counted in (the ledger's; `steps` is the step itself).
+BUDGET_COLUMNS = {"steps": "step", "gpu_hours": "cost/gpu_hours", "nfe": "cost/nfe", "flops": "cost/flops"}
+
+
+def spec_extension(results_dir) -> Optional[Dict[str, Any]]:
+    """The `extend:` of the sweep recorded in `results_dir/sweep.json`, as `{arms, column, budget, extended}`
+    (the metrics column of the budget's kind, the common budget, the longer one), or None without one. Two
+    sweeps there with different extensions are an error: which budget is common would be ambiguous."""
+    path = Path(results_dir) / "sweep.json"
+    if not path.exists():
+        return None
+    try:
+        specs = [s.get("spec") or {} for s in json.loads(path.read_text()).get("sweeps", {}).values()]
+    except (ValueError, AttributeError) as error:
+        raise ReportError(f"cannot read {path}: {error}") from error
+    found = []
+    for spec in specs:
+        extend = spec.get("extend")
+        if not extend:
+            continue
+        kind = next(iter(extend["budget"]))
+        found.append({"arms": list(extend["arms"]), "column": BUDGET_COLUMNS[kind], "kind": kind,
+                      "budget": float(spec["budget"][kind]), "extended": float(extend["budget"][kind])})
+    if len(found) > 1 and any(f != found[0] for f in found[1:]):
+        raise ReportError(f"{path}: the sweeps recorded there extend different arms or budgets; report them from "
+                          "separate folders")
+    return found[0] if found else None

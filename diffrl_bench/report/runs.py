@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import pandas as pd
 
 from diffrl_bench.headline import frame_has, metric_column, metric_forms
@@ -140,6 +141,22 @@ def load_runs(results_dir) -> List[RunResult]:
         raise NoRunsError(f"no runs under {root}: no folder there holds a metrics.csv")
     runs.sort(key=lambda r: (r.arm, r.seed))
     return runs
+
+
+def cut_at_budget(run: RunResult, column: str, budget: float) -> RunResult:
+    """The run as it stood when it first spent `budget` in `column` (every row up to the step of the first that
+    reaches it, so the evaluation at that step stays; the whole run when none does): an extended run read at the
+    sweep's common budget."""
+    import dataclasses
+
+    values = run.frame[column].to_numpy(dtype=float) if column in run.frame else None
+    if values is None:
+        raise MissingColumnError(f"run {run.path} has no column {column!r} to cut it at the common budget")
+    reached = np.flatnonzero(values >= budget)
+    if not len(reached):
+        return run
+    last = run.frame["step"].iloc[reached[0]]
+    return dataclasses.replace(run, frame=run.frame[run.frame["step"] <= last].copy())
 
 
 def _metric_for(reward: str, runs: Sequence[RunResult]) -> Optional[str]:

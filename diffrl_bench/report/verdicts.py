@@ -372,14 +372,19 @@ def claim_sentence(row: dict) -> str:
 
 def evaluate_claims(runs: Sequence, headline: str, claims: Sequence[Claim], *, n_boot: int = 2000,
                     level: float = 0.95, seed: int = 0, min_seeds: int = 3, power: float = 0.8,
-                    n_points: int = 20, cost: Optional[str] = None) -> ClaimsResult:
+                    n_points: int = 20, cost: Optional[str] = None,
+                    full_runs: Optional[Sequence] = None) -> ClaimsResult:
     """Every claim against the runs: one table row, one sentence and (speedup claims) one threshold curve each.
 
     The claim's `metric.benchmark` is `headline` (the report's headline column) or an eval column. An arm that
     was not run gives an inconclusive row, never an error: one claims folder serves sweeps of any arm subset.
     `cost` (gpu_hours, nfe or flops) replaces every claim's cost unit, e.g. FLOPs on a shared CPU where
     device-hours are noise; the table's `cost` column says which unit was used.
+    `full_runs` (a sweep's `extend:`; `Analysis.full_runs`): the extended arms' whole runs, from which the costs to
+    a threshold and the threshold curves are read; `runs` (cut at the common budget) still give the base, the
+    best final and the held-out finals, so that no arm's final gains from its longer budget.
     """
+    crossing = full_runs if full_runs is not None else runs
     if cost is not None and cost not in COSTS:
         raise ReportError(f"claims cost unit {cost!r} is not one of {list(COSTS)}")
     arms = {r.arm for r in runs}
@@ -434,8 +439,8 @@ def evaluate_claims(runs: Sequence, headline: str, claims: Sequence[Claim], *, n
             rows.append(row)
             continue
         cost_column = COSTS[cost] if cost else claim.cost_column
-        b = seed_costs(runs, claim.baseline, metric, cost_column, threshold)
-        a = seed_costs(runs, claim.arm, metric, cost_column, threshold)
+        b = seed_costs(crossing, claim.baseline, metric, cost_column, threshold)
+        a = seed_costs(crossing, claim.arm, metric, cost_column, threshold)
         result = censored_speedup(b, a, n_boot, level, _rng_for(seed, claim.baseline, claim.arm, cost_column),
                                   min_seeds)
         verdict, reason = classify(result.ci_low, result.ci_high, claim.claimed_speedup, result.bound)
@@ -446,7 +451,7 @@ def evaluate_claims(runs: Sequence, headline: str, claims: Sequence[Claim], *, n
                    k_arm=result.k_arm, n_base=result.n_base, k_base=result.k_base, verdict=verdict, reason=reason,
                    min_detectable_speedup=min_detectable_speedup(b.cost[b.reached], a.cost[a.reached], level,
                                                                         power))
-        curves[claim.name] = threshold_curve(runs, claim.arm, claim.baseline, metric, cost_column, base, best,
+        curves[claim.name] = threshold_curve(crossing, claim.arm, claim.baseline, metric, cost_column, base, best,
                                              n_points, n_boot, level, seed, min_seeds)
         rows.append(row)
     table = pd.DataFrame(rows)
