@@ -17,7 +17,8 @@ from diffrl_bench.sweep.spec import (BUDGET_TARGETS, Spec, SweepError, SweepRun,
 from diffrl_bench.sweep.state import identity_conflict
 
 
-def _parse_dotlist_value(text: str) -> Any:
+def parse_dotlist_value(text: str) -> Any:
+    """A `key=value` override's value as `diffrl-bench train` reads it (YAML, through OmegaConf)."""
     return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
 
 
@@ -26,7 +27,7 @@ def format_value(value: Any) -> str:
     if isinstance(value, str):
         # Plain when YAML gives the same string back; quoted otherwise ("1e-4", "true", "", "a: b").
         try:
-            if value and _parse_dotlist_value(value) == value:
+            if value and parse_dotlist_value(value) == value:
                 return value
         except (OmegaConfBaseException, ValueError):
             pass

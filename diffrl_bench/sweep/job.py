@@ -120,8 +120,9 @@ def run_job(job: RunJob) -> Dict[str, Any]:
     try:
         if (out / DONE_FILE).exists():
             grown = extension_of(run)
-            if not reopen_for_extension(run):
+            if grown is None:
                 return {**result, "status": DONE, "skipped": True}
+            reopen_for_extension(run)
             log.info("extending %s: %s %g -> %g, from its last checkpoint", run.id, grown["key"], grown["recorded"],
                      grown["new"])
         conflict = identity_conflict(run)

@@ -8,6 +8,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from omegaconf.errors import OmegaConfBaseException
+
 from diffrl_bench.fileio import atomic_write
 from diffrl_bench.sweep.spec import BUDGET_TARGETS, Spec, SweepRun
 
@@ -28,30 +30,30 @@ _BUDGET_KEYS = tuple(BUDGET_TARGETS.values())
 
 
 def _budgets(overrides) -> Dict[str, float]:
-    import yaml
+    from diffrl_bench.sweep.expansion import parse_dotlist_value  # expansion imports this module
 
     out = {}
     for item in overrides:
         key, _, value = item.partition("=")
         if key in _BUDGET_KEYS:
             try:
-                out[key] = float(yaml.safe_load(value))
-            except (TypeError, ValueError, yaml.YAMLError):
+                out[key] = float(parse_dotlist_value(value))
+            except (TypeError, ValueError, OmegaConfBaseException):
                 out[key] = float("nan")
     return out
 
 
-def _budget_change(run: SweepRun) -> Optional[Dict[str, Any]]:
-    """When the run's folder holds the same run under another budget of the same kind: the key with its recorded
-    and new values; else None."""
-    path = run.out / ARM_FILE
+def _recorded_identity(run: SweepRun) -> Optional[Dict[str, Any]]:
+    """The identity `arm.json` in the run's folder records, or None when there is none or it is unreadable."""
     try:
-        recorded = json.loads(path.read_text()) if path.is_file() else None
+        return _identity(json.loads((run.out / ARM_FILE).read_text()))
     except (OSError, ValueError):
         return None
-    if recorded is None:
-        return None
-    mine, theirs = _identity(run.record()), _identity(recorded)
+
+
+def _budget_change(mine: Dict[str, Any], theirs: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """When two run identities differ only in one budget of the same kind: the key with the recorded (`theirs`)
+    and new (`mine`) values; else None."""
     if mine["config"] != theirs["config"]:
         return None
     rest = [{o for o in side["overrides"] if o.partition("=")[0] not in _BUDGET_KEYS} for side in (mine, theirs)]
@@ -68,22 +70,19 @@ def extension_of(run: SweepRun) -> Optional[Dict[str, Any]]:
     """When the run's folder holds the same run with a smaller budget (the spec's `extend:` raised it): the
     budget key with its recorded and new values; else None. Such a run is continued, not refused: its first
     budget is the recorded run itself (the training does not depend on the budget; resuming is exact)."""
-    change = _budget_change(run)
+    theirs = _recorded_identity(run)
+    change = _budget_change(_identity(run.record()), theirs) if theirs is not None else None
     return change if change is not None and change["new"] > change["recorded"] else None
 
 
-def reopen_for_extension(run: SweepRun) -> bool:
-    """Make a finished run whose budget the spec raised resumable (the caller holds the run's lock and then writes
-    the new `arm.json`): its `DONE` marker and `arm.json` are kept as `DONE.before_extension` and
-    `arm.before_extension.json`, and the run resumes from its last checkpoint. False (nothing touched) when it is
-    not such a run."""
+def reopen_for_extension(run: SweepRun) -> None:
+    """Make a finished run that `extension_of` found resumable (the caller holds the run's lock and then writes the
+    new `arm.json`): its `DONE` marker and `arm.json` are kept as `DONE.before_extension` and
+    `arm.before_extension.json`, and the run resumes from its last checkpoint."""
     import shutil
 
-    if not (run.out / DONE_FILE).exists() or extension_of(run) is None:
-        return False
     shutil.copy2(run.out / ARM_FILE, run.out / "arm.before_extension.json")
     os.replace(run.out / DONE_FILE, run.out / f"{DONE_FILE}.before_extension")
-    return True
 
 
 def identity_conflict(run: SweepRun) -> Optional[str]:
@@ -98,7 +97,7 @@ def identity_conflict(run: SweepRun) -> Optional[str]:
     except (OSError, ValueError):
         return f"{path} is unreadable; it cannot be checked against run {run.id}"
     mine, theirs = _identity(run.record()), _identity(recorded)
-    if mine == theirs or _budget_change(run) is not None:
+    if mine == theirs or _budget_change(mine, theirs) is not None:
         return None
     changed = sorted(set(mine["overrides"]) ^ set(theirs["overrides"]))
     if mine["config"] != theirs["config"]:
