@@ -8,13 +8,13 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
 from diffrl_bench.ledger import PHASES
-from diffrl_bench.report.completeness import spec_baseline, spec_extension, unfinished_runs
+from diffrl_bench.report.completeness import recorded_sweeps, spec_baseline, spec_extension, unfinished_runs
 from diffrl_bench.report.errors import ReportError, UnknownArmError
 from diffrl_bench.report.runs import (COST_UNITS, MISSING, RunResult, config_value, cut_at_budget, load_runs,
                                      phase_breakdown, resolve_metrics)
@@ -71,17 +71,6 @@ class Analysis:
     full_runs: Optional[List[RunResult]] = None
     """under a sweep's `extend:`, the runs as they are (the extended arms' longer runs whole); `runs` then holds
     them cut at the common budget, which every table, final and held-out comparison reads. None otherwise."""
-
-
-def recorded_sweeps(results_dir) -> Dict[str, Any]:
-    """The sweeps recorded in `results_dir/sweep.json` by name (empty if there is no such file)."""
-    path = Path(results_dir) / "sweep.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text()).get("sweeps", {})
-    except (ValueError, AttributeError) as error:
-        raise ReportError(f"cannot read {path}: {error}") from error
 
 
 def sweep_ablate_keys(results_dir) -> List[str]:

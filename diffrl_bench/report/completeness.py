@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from diffrl_bench.report.claims import COSTS
 from diffrl_bench.report.errors import ReportError
 
 
@@ -28,19 +29,31 @@ def unfinished_runs(results_dir) -> List[Tuple[str, Path]]:
     return found
 
 
-def spec_baseline(results_dir) -> Optional[str]:
-    """The `baseline` of the sweep spec(s) recorded in `results_dir/sweep.json`, when they name one (and agree)."""
+def recorded_sweeps(results_dir) -> Dict[str, Any]:
+    """The sweeps recorded in `results_dir/sweep.json` by name (empty if there is no such file)."""
     path = Path(results_dir) / "sweep.json"
     if not path.exists():
-        return None
+        return {}
     try:
-        sweeps = json.loads(path.read_text()).get("sweeps", {})
-        named = {(s.get("spec") or {}).get("baseline") for s in sweeps.values()} - {None}
+        return json.loads(path.read_text()).get("sweeps", {})
     except (ValueError, AttributeError) as error:
         raise ReportError(f"cannot read {path}: {error}") from error
+
+
+def _recorded_specs(results_dir) -> List[Dict[str, Any]]:
+    path = Path(results_dir) / "sweep.json"
+    try:
+        return [s.get("spec") or {} for s in recorded_sweeps(results_dir).values()]
+    except AttributeError as error:   # a sweep record that is not a mapping
+        raise ReportError(f"cannot read {path}: {error}") from error
+
+
+def spec_baseline(results_dir) -> Optional[str]:
+    """The `baseline` of the sweep spec(s) recorded in `results_dir/sweep.json`, when they name one (and agree)."""
+    named = {spec.get("baseline") for spec in _recorded_specs(results_dir)} - {None}
     if len(named) > 1:
-        raise ReportError(f"{path}: the sweeps recorded there name different baselines {sorted(named)}; "
-                          f"pass --baseline ARM")
+        raise ReportError(f"{Path(results_dir) / 'sweep.json'}: the sweeps recorded there name different baselines "
+                          f"{sorted(named)}; pass --baseline ARM")
     return next(iter(named), None)
 
 
@@ -49,32 +62,19 @@ def spec_budget_cost(results_dir) -> Optional[str]:
 
     Such a sweep gave every arm the same compute rather than the same wall time, so its claims are judged in FLOPs
     (device-hours on a shared machine then measure the load as much as the method)."""
-    path = Path(results_dir) / "sweep.json"
-    if not path.exists():
-        return None
-    try:
-        sweeps = json.loads(path.read_text()).get("sweeps", {})
-        budgets = [(s.get("spec") or {}).get("budget") or {} for s in sweeps.values()]
-    except (ValueError, AttributeError) as error:
-        raise ReportError(f"cannot read {path}: {error}") from error
+    budgets = [spec.get("budget") or {} for spec in _recorded_specs(results_dir)]
     return "flops" if budgets and all("flops" in b for b in budgets) else None
 
 
-# The metrics column each budget kind is counted in (the ledger's; `steps` is the step itself).
-BUDGET_COLUMNS = {"steps": "step", "gpu_hours": "cost/gpu_hours", "nfe": "cost/nfe", "flops": "cost/flops"}
+# The metrics column each budget kind is counted in: the claims' cost columns (the ledger's), and the step itself.
+BUDGET_COLUMNS = {**COSTS, "steps": "step"}
 
 
 def spec_extension(results_dir) -> Optional[Dict[str, Any]]:
     """The `extend:` of the sweep recorded in `results_dir/sweep.json`, as `{arms, column, budget, extended}`
     (the metrics column of the budget's kind, the common budget, the longer one), or None without one. Two
     sweeps there with different extensions are an error: which budget is common would be ambiguous."""
-    path = Path(results_dir) / "sweep.json"
-    if not path.exists():
-        return None
-    try:
-        specs = [s.get("spec") or {} for s in json.loads(path.read_text()).get("sweeps", {}).values()]
-    except (ValueError, AttributeError) as error:
-        raise ReportError(f"cannot read {path}: {error}") from error
+    specs = _recorded_specs(results_dir)
     found = []
     for spec in specs:
         extend = spec.get("extend")
@@ -84,6 +84,6 @@ def spec_extension(results_dir) -> Optional[Dict[str, Any]]:
         found.append({"arms": list(extend["arms"]), "column": BUDGET_COLUMNS[kind], "kind": kind,
                       "budget": float(spec["budget"][kind]), "extended": float(extend["budget"][kind])})
     if len(found) > 1 and any(f != found[0] for f in found[1:]):
-        raise ReportError(f"{path}: the sweeps recorded there extend different arms or budgets; report them from "
-                          "separate folders")
+        raise ReportError(f"{Path(results_dir) / 'sweep.json'}: the sweeps recorded there extend different arms or "
+                          "budgets; report them from separate folders")
     return found[0] if found else None
