@@ -483,3 +483,13 @@ def test_flops_is_a_cost_axis_when_every_run_has_it_and_a_flops_sweep_judges_cla
     assert spec_budget_cost(root) == "flops"
     (root / "sweep.json").write_text(json.dumps({"sweeps": {"s": {"spec": {"budget": {"gpu_hours": 0.1}}}}}))
     assert spec_budget_cost(root) is None
+
+
+def test_a_bad_tune_section_in_sweep_json_is_a_report_error_naming_the_file(tmp_path):
+    # It used to surface as a NameError from the message itself.
+    from diffrl_bench.report.analysis import tuning_lines
+    from diffrl_bench.report.errors import ReportError
+
+    (tmp_path / "sweep.json").write_text('{"sweeps": {"t": {"spec": {"arms": {"a": {}}, "tune": {"trails": 3}}}}}')
+    with pytest.raises(ReportError, match=r"sweep\.json: sweep t: .*trails"):
+        tuning_lines(tmp_path)

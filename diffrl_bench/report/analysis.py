@@ -97,7 +97,7 @@ def tuning_lines(results_dir) -> List[str]:
         try:
             tune = parse_tune(spec["tune"], arms)
         except TuneError as error:
-            raise ReportError(f"{path}: sweep {name}: {error}") from error
+            raise ReportError(f"{Path(results_dir) / 'sweep.json'}: sweep {name}: {error}") from error
         trials = expand_trials(tune, arms)
         chosen_file = Path(results_dir) / "tune" / "chosen.json"
         if not chosen_file.exists():
