@@ -493,3 +493,16 @@ def test_a_bad_tune_section_in_sweep_json_is_a_report_error_naming_the_file(tmp_
     (tmp_path / "sweep.json").write_text('{"sweeps": {"t": {"spec": {"arms": {"a": {}}, "tune": {"trails": 3}}}}}')
     with pytest.raises(ReportError, match=r"sweep\.json: sweep t: .*trails"):
         tuning_lines(tmp_path)
+
+
+@pytest.mark.parametrize("record", ['["not", "a", "mapping"]', '{"spec": ["ablate"]}'])
+def test_a_sweep_record_that_is_not_a_mapping_is_a_report_error_for_every_reader(tmp_path, record):
+    # sweep_ablate_keys and tuning_lines used to raise AttributeError here; the baseline reader a ReportError.
+    from diffrl_bench.report.analysis import sweep_ablate_keys, tuning_lines
+    from diffrl_bench.report.completeness import spec_baseline, spec_extension
+    from diffrl_bench.report.errors import ReportError
+
+    (tmp_path / "sweep.json").write_text('{"sweeps": {"ok": {"spec": {}}, "broken": %s}}' % record)
+    for reader in (sweep_ablate_keys, tuning_lines, spec_baseline, spec_extension):
+        with pytest.raises(ReportError, match=r"cannot read .*sweep\.json: .*'broken'"):
+            reader(tmp_path)

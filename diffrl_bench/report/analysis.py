@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from diffrl_bench.ledger import PHASES
-from diffrl_bench.report.completeness import recorded_sweeps, spec_baseline, spec_extension, unfinished_runs
+from diffrl_bench.report.completeness import (recorded_sweeps, spec_baseline, spec_extension, sweep_file,
+                                              unfinished_runs)
 from diffrl_bench.report.errors import ReportError, UnknownArmError
 from diffrl_bench.report.runs import (COST_UNITS, MISSING, RunResult, config_value, cut_at_budget, load_runs,
                                      phase_breakdown, resolve_metrics)
@@ -77,7 +78,7 @@ def sweep_ablate_keys(results_dir) -> List[str]:
     """The `ablate` keys of the sweep spec(s) recorded in `results_dir/sweep.json` (none if there is no such file)."""
     keys: List[str] = []
     for entry in recorded_sweeps(results_dir).values():
-        for key in (entry.get("spec") or {}).get("ablate") or []:
+        for key in entry["spec"].get("ablate") or []:
             if key not in keys:
                 keys.append(key)
     return keys
@@ -90,14 +91,14 @@ def tuning_lines(results_dir) -> List[str]:
 
     lines: List[str] = []
     for name, entry in recorded_sweeps(results_dir).items():
-        spec = entry.get("spec") or {}
+        spec = entry["spec"]
         if not spec.get("tune"):
             continue
         arms = list(spec.get("arms") or {})
         try:
             tune = parse_tune(spec["tune"], arms)
         except TuneError as error:
-            raise ReportError(f"{Path(results_dir) / 'sweep.json'}: sweep {name}: {error}") from error
+            raise ReportError(f"{sweep_file(results_dir)}: sweep {name}: {error}") from error
         trials = expand_trials(tune, arms)
         chosen_file = Path(results_dir) / "tune" / "chosen.json"
         if not chosen_file.exists():

@@ -29,30 +29,37 @@ def unfinished_runs(results_dir) -> List[Tuple[str, Path]]:
     return found
 
 
-def recorded_sweeps(results_dir) -> Dict[str, Any]:
-    """The sweeps recorded in `results_dir/sweep.json` by name (empty if there is no such file)."""
-    path = Path(results_dir) / "sweep.json"
+def sweep_file(results_dir) -> Path:
+    """Where a results folder records the sweep(s) that made it."""
+    return Path(results_dir) / "sweep.json"
+
+
+def recorded_sweeps(results_dir) -> Dict[str, Dict[str, Any]]:
+    """The sweeps recorded in `results_dir/sweep.json` by name (empty if there is no such file), each a mapping
+    whose `spec` is a mapping (empty when absent), so that every reader can index them without its own checks."""
+    path = sweep_file(results_dir)
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text()).get("sweeps", {})
+        sweeps = json.loads(path.read_text()).get("sweeps", {})
+        bad = [name for name, entry in sweeps.items()
+               if not isinstance(entry, dict) or not isinstance(entry.get("spec") or {}, dict)]
     except (ValueError, AttributeError) as error:
         raise ReportError(f"cannot read {path}: {error}") from error
+    if bad:
+        raise ReportError(f"cannot read {path}: the record of sweep {bad[0]!r} (or its spec) is not a mapping")
+    return {name: {**entry, "spec": entry.get("spec") or {}} for name, entry in sweeps.items()}
 
 
 def _recorded_specs(results_dir) -> List[Dict[str, Any]]:
-    path = Path(results_dir) / "sweep.json"
-    try:
-        return [s.get("spec") or {} for s in recorded_sweeps(results_dir).values()]
-    except AttributeError as error:   # a sweep record that is not a mapping
-        raise ReportError(f"cannot read {path}: {error}") from error
+    return [entry["spec"] for entry in recorded_sweeps(results_dir).values()]
 
 
 def spec_baseline(results_dir) -> Optional[str]:
     """The `baseline` of the sweep spec(s) recorded in `results_dir/sweep.json`, when they name one (and agree)."""
     named = {spec.get("baseline") for spec in _recorded_specs(results_dir)} - {None}
     if len(named) > 1:
-        raise ReportError(f"{Path(results_dir) / 'sweep.json'}: the sweeps recorded there name different baselines "
+        raise ReportError(f"{sweep_file(results_dir)}: the sweeps recorded there name different baselines "
                           f"{sorted(named)}; pass --baseline ARM")
     return next(iter(named), None)
 
@@ -84,6 +91,6 @@ def spec_extension(results_dir) -> Optional[Dict[str, Any]]:
         found.append({"arms": list(extend["arms"]), "column": BUDGET_COLUMNS[kind], "kind": kind,
                       "budget": float(spec["budget"][kind]), "extended": float(extend["budget"][kind])})
     if len(found) > 1 and any(f != found[0] for f in found[1:]):
-        raise ReportError(f"{Path(results_dir) / 'sweep.json'}: the sweeps recorded there extend different arms or "
+        raise ReportError(f"{sweep_file(results_dir)}: the sweeps recorded there extend different arms or "
                           "budgets; report them from separate folders")
     return found[0] if found else None
