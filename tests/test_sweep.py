@@ -255,6 +255,17 @@ def test_rerunning_a_sweep_skips_finished_runs(tmp_path, tiny_model_dir, capsys)
     assert snapshot(results / "runs") == before  # nothing re-run, not one file touched
 
 
+def test_only_runs_the_named_arm_but_sweep_json_still_records_every_arm(tmp_path, tiny_model_dir):
+    # The report reads the arms from sweep.json: finishing one arm with --only must not drop the others from it.
+    path = make_spec(tmp_path, tiny_model_dir)
+    results = tmp_path / "results"
+    assert main([str(path), "--only", "b", "--no-progress"]) == 0
+    assert (results / "runs" / "b" / "seed0" / "DONE").exists()
+    assert not (results / "runs" / "a").exists()
+    table = json.loads((results / "sweep.json").read_text())["sweeps"]["t"]
+    assert sorted(r["arm"] for r in table["runs"]) == ["a", "b"]
+
+
 def test_a_held_lock_makes_the_sweep_skip_that_run(tmp_path, tiny_model_dir, capsys):
     path = make_spec(tmp_path, tiny_model_dir)
     held_dir = tmp_path / "results" / "runs" / "a" / "seed0"

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         chosen = load_chosen(spec)
         if undecided_arms(spec, chosen) and not (args.dry_run or args.status):
             chosen = choose(spec, trials_all) or chosen
-        runs = expand(spec, chosen_overrides(chosen))
+        runs = runs_all = expand(spec, chosen_overrides(chosen))
         trials = trials_all
         if args.only:
             known = {r.arm for r in runs} | {r.name for r in runs}
@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
                     last = (run.out / FAILED_FILE).read_text().strip().splitlines()[-1:]
                     print(f"  failed {run.id}: {last[0] if last else '?'}")
             return 0
-        write_sweep_record(spec, trials_all + runs)
+        # The record is the whole spec's, whatever --only runs now: the report reads its arms from it.
+        write_sweep_record(spec, trials_all + runs_all)
         counts = Counter()
         if trials:
             counts.update(execute(spec, trials, progress=not args.no_progress))
@@ -153,9 +154,10 @@ def run(args: argparse.Namespace) -> int:
                     log.info("tuning: chosen %s -> %s", {a: e["trial"] for a, e in chosen["arms"].items()},
                              chosen_path(spec))
                     names = {r.name for r in runs}
-                    runs = [r for r in expand(spec, chosen_overrides(chosen)) if r.name in names]
+                    runs_all = expand(spec, chosen_overrides(chosen))
+                    runs = [r for r in runs_all if r.name in names]
                     validate_runs(spec, runs)
-                    write_sweep_record(spec, trials_all + runs)
+                    write_sweep_record(spec, trials_all + runs_all)
         elif waiting:   # --only without the undecided arms' trials: their seeded runs still wait
             runs = [r for r in runs if r.arm not in undecided]
         if runs:
