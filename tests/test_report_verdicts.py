@@ -151,6 +151,11 @@ def test_heldout_difference_matches_welch_and_each_verdict():
     assert V.classify_heldout(*V.heldout_difference(arm, base))[0] == V.REVERSED
     assert V.classify_heldout(*V.heldout_difference(base, arm, higher_is_better=False))[0] == V.REVERSED
     assert V.classify_heldout(*V.heldout_difference(base, base[::-1] + 0.001))[0] == V.NOT_BETTER
+    # The claims' condition "while keeping the reward": better held out but surely lower reward is inconclusive;
+    # a reward interval reaching above 0 keeps `supported`; an arm worse on both stays reversed.
+    assert V.classify_heldout(diff, lo, hi, reward_hi=-0.01)[0] == V.INCONCLUSIVE
+    assert V.classify_heldout(diff, lo, hi, reward_hi=0.01)[0] == V.SUPPORTED
+    assert V.classify_heldout(*V.heldout_difference(arm, base), reward_hi=-0.01)[0] == V.REVERSED
 
 
 # -------------------------------------------------------------------------------- synthetic run folders
@@ -288,6 +293,23 @@ def test_run_folders_heldout_and_missing_arm_and_outputs(tmp_path):
     text = paths["md"].read_text()
     assert "claims_threshold_curves.png" in text and "**supported**" in text
     assert paths["figure"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_heldout_gain_with_a_lower_reward_is_inconclusive(tmp_path):
+    # flow_grpo stops at 12 of 40 evals, so its final reward is score(2.4 tau) against nft's score(8 tau) in every
+    # seed, while its held-out score is 0.3 higher: less hacking, but also less optimisation.
+    runs = make_results(tmp_path / "r", base_evals=12, heldout=(0.6, 0.9))
+    held = parse_claim({"claim": "flow_grpo hacks less", "source": "x", "kind": "heldout", "arm": "flow_grpo",
+                        "baseline": "nft", "metric": "GenEval", "heldout": {"metric": "toy_no_extra_objects"},
+                        "provenance": {"baseline": "unknown"}}, tmp_path / "hacking.yaml")
+    result = V.evaluate_claims(runs, HEADLINE, [held], n_boot=100)
+    row = result.table.iloc[0]
+    assert row["difference"] == pytest.approx(0.3)
+    assert row["reward_difference"] == pytest.approx(score(2.4, 1.0) - score(8.0, 1.0))
+    assert row["reward_ci_high"] < 0 and row["verdict"] == V.INCONCLUSIVE
+    assert "lower reward" in result.sentences[0] and "its reward" in result.sentences[0]
+    text = write_claims(result, tmp_path / "out")["md"].read_text()
+    assert "reward (arm - baseline)" in text and "**inconclusive**" in text
 
 
 def test_an_extended_baseline_is_judged_on_its_whole_runs_and_compared_at_the_common_budget(tmp_path):

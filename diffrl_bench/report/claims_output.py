@@ -63,7 +63,8 @@ CURVE_PANEL = (5.0, 3.4)  # inches per panel of the threshold-curve figure
 
 CSV_COLUMNS = ("claim", "kind", "arm", "baseline", "metric", "cost", "threshold", "threshold_fraction", "base_score",
                "best_final", "claimed_speedup", "speedup", "ci_low", "ci_high", "bound", "censored", "n_arm", "k_arm",
-               "n_base", "k_base", "min_detectable_speedup", "heldout_metric", "difference", "verdict", "reason")
+               "n_base", "k_base", "min_detectable_speedup", "heldout_metric", "difference", "reward_difference",
+               "reward_ci_low", "reward_ci_high", "verdict", "reason")
 
 
 def claims_markdown(result: ClaimsResult, figure: Optional[str] = None) -> str:
@@ -88,13 +89,15 @@ def claims_markdown(result: ClaimsResult, figure: Optional[str] = None) -> str:
         lines.append("")
     held = [r for r in rows if r["kind"] == "heldout"]
     if held:
-        lines += ["| claim | arm vs baseline | held-out metric | difference (arm - baseline) | seeds | verdict |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| claim | arm vs baseline | held-out metric | difference (arm - baseline) | reward (arm - baseline) "
+                  "| seeds | verdict |",
+                  "|---|---|---|---|---|---|---|"]
         for r in held:
-            diff = (f"{r['difference']:+.3g} ({r['ci_low']:+.3g} to {r['ci_high']:+.3g})"
-                    if np.isfinite(r["difference"]) else "n/a")
+            diff, reward = ((f"{r[k]:+.3g} ({r[lo]:+.3g} to {r[hi]:+.3g})" if np.isfinite(r[k]) else "n/a")
+                            for k, lo, hi in (("difference", "ci_low", "ci_high"),
+                                              ("reward_difference", "reward_ci_low", "reward_ci_high")))
             lines.append(f"| {r['claim']} | {r['arm']} vs {r['baseline']} | {r['heldout_metric']} | {diff} | "
-                         f"{r['n_arm']} vs {r['n_base']} | **{r['verdict']}** |")
+                         f"{reward} | {r['n_arm']} vs {r['n_base']} | **{r['verdict']}** |")
         lines.append("")
     lines += ["## Verdicts", ""] + [f"- {s}" for s in result.sentences] + [""]
     if figure:

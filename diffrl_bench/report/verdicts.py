@@ -217,9 +217,20 @@ def heldout_difference(base_values: Sequence[float], arm_values: Sequence[float]
     return float(diff), float(diff - half), float(diff + half)
 
 
-def classify_heldout(diff: float, lo: float, hi: float) -> Tuple[str, str]:
+def classify_heldout(diff: float, lo: float, hi: float, reward_hi: float = float("nan")) -> Tuple[str, str]:
+    """The held-out verdict from the interval of arm minus baseline (above 0 = arm better).
+
+    Every held-out claim of the table is "less hacking *while keeping the reward*" (CRD: "competitive reward";
+    GRPO-Guard: "maintaining or improving generation quality"; Flow-DPPO: "higher rewards"). At an equal budget an
+    arm that optimised less, or collapsed, also hacks less, so a better held-out score only counts when the arm's
+    own reward did not end lower: `reward_hi` is the upper end of the interval of arm minus baseline of the claim's
+    reward metric; below 0 (lower for sure) turns `supported` into `inconclusive`.
+    """
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return INCONCLUSIVE, "no interval"
+    if lo > 0 and np.isfinite(reward_hi) and reward_hi < 0:
+        return INCONCLUSIVE, ("the arm hacks less but also ends with a lower reward: at an equal budget, less hacking "
+                              "cannot be told from less optimisation")
     if lo > 0:
         return SUPPORTED, "the whole interval of the difference lies above 0: the arm hacks less"
     if hi < 0:
@@ -228,6 +239,12 @@ def classify_heldout(diff: float, lo: float, hi: float) -> Tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------- from runs
+def _final_value(run, metric: str) -> float:
+    """A run's metric at its last eval that has it (NaN when it has none)."""
+    values = run.frame[metric].dropna() if metric in run.frame else ()
+    return float(values.iloc[-1]) if len(values) else float("nan")
+
+
 def _eval_points(run, metric: str, cost_column: str) -> Tuple[np.ndarray, np.ndarray]:
     frame = run.frame
     for column in (metric, cost_column):
@@ -350,9 +367,14 @@ def claim_sentence(row: dict) -> str:
         if not np.isfinite(row["difference"]):
             return (f"{row['claim']} ({row['arm']} vs {row['baseline']}, held-out {row['heldout_metric']}): "
                     f"{row['verdict']}: {row['reason']}.")
-        return (f"{row['claim']} ({row['arm']} vs {row['baseline']}): {row['verdict']}; final held-out "
+        reward = ""
+        if np.isfinite(row.get("reward_difference", float("nan"))):
+            reward = (f"; its reward {row['metric']} differs by {row['reward_difference']:+.3g} "
+                      f"({row['reward_ci_low']:+.3g} to {row['reward_ci_high']:+.3g})")
+        why = f": {row['reason']}" if row["verdict"] == INCONCLUSIVE else ""
+        return (f"{row['claim']} ({row['arm']} vs {row['baseline']}): {row['verdict']}{why}; final held-out "
                 f"{row['heldout_metric']} differs by {row['difference']:+.3g} ({row['level']:.0%} interval "
-                f"{row['ci_low']:+.3g} to {row['ci_high']:+.3g}; {row['n_arm']} vs {row['n_base']} seeds).")
+                f"{row['ci_low']:+.3g} to {row['ci_high']:+.3g}; {row['n_arm']} vs {row['n_base']} seeds){reward}.")
     if row["bound"] == NO_BOUND:
         at = (f" at threshold {row['threshold']:.3g} ({row['threshold_fraction']:.0%} of the way from the base's "
               f"{row['base_score']:.3g} to the best final {row['best_final']:.3g})"
@@ -402,7 +424,8 @@ def evaluate_claims(runs: Sequence, headline: str, claims: Sequence[Claim], *, n
                "threshold": float("nan"), "threshold_fraction": float("nan"), "speedup": float("nan"),
                "ci_low": float("nan"), "ci_high": float("nan"), "bound": NO_BOUND, "censored": "",
                "n_arm": 0, "k_arm": 0, "n_base": 0, "k_base": 0, "min_detectable_speedup": float("nan"),
-               "heldout_metric": claim.heldout_metric or "", "difference": float("nan")}
+               "heldout_metric": claim.heldout_metric or "", "difference": float("nan"),
+               "reward_difference": float("nan"), "reward_ci_low": float("nan"), "reward_ci_high": float("nan")}
         if claim.kind == "speedup":
             threshold = claim.threshold.at_scale(base, best)
             fraction = (claim.threshold.fraction if claim.threshold.rule == "fraction_of_gain"
@@ -427,6 +450,9 @@ def evaluate_claims(runs: Sequence, headline: str, claims: Sequence[Claim], *, n
                 continue
             finals = {side: [float(r.frame[column].dropna().iloc[-1]) for r in pair if r.arm == side]
                       for side in (claim.arm, claim.baseline)}
+            # The claim's reward at the same final evals: its condition "while keeping the reward".
+            rewards = {side: [_final_value(r, metric) for r in pair if r.arm == side]
+                       for side in (claim.arm, claim.baseline)}
             row.update(heldout_metric=column, n_arm=len(finals[claim.arm]), n_base=len(finals[claim.baseline]))
             if min(row["n_arm"], row["n_base"]) < max(2, min_seeds):
                 row.update(verdict=INCONCLUSIVE, reason=f"too few seeds ({row['n_arm']} arm, {row['n_base']} "
@@ -434,8 +460,10 @@ def evaluate_claims(runs: Sequence, headline: str, claims: Sequence[Claim], *, n
             else:
                 diff, lo, hi = heldout_difference(finals[claim.baseline], finals[claim.arm], level,
                                                   claim.higher_is_better)
-                verdict, reason = classify_heldout(diff, lo, hi)
-                row.update(difference=diff, ci_low=lo, ci_high=hi, verdict=verdict, reason=reason)
+                rdiff, rlo, rhi = heldout_difference(rewards[claim.baseline], rewards[claim.arm], level)
+                verdict, reason = classify_heldout(diff, lo, hi, rhi)
+                row.update(difference=diff, ci_low=lo, ci_high=hi, reward_difference=rdiff, reward_ci_low=rlo,
+                           reward_ci_high=rhi, verdict=verdict, reason=reason)
             rows.append(row)
             continue
         cost_column = COSTS[cost] if cost else claim.cost_column
