@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from diffrl_bench.config import resolve_sampler_options
+from diffrl_bench.config import accepts_argument, resolve_sampler_options
 from diffrl_bench.models import THETA, calls_per_velocity
 from diffrl_bench.prompts import Prompt
 from diffrl_bench.registry import REWARDS, SAMPLERS
@@ -29,9 +29,14 @@ def generate(policy, prompts: Sequence[str], noise: torch.Tensor, sampler_cfg, *
     sigmas = sigma_grid(sampler_cfg.grid, sampler_cfg.num_steps, sampler_cfg.shift)
     # A stochastic eval sampler draws its noise from a fixed stream too, so evaluations stay paired.
     kwargs = dict(resolve_sampler_options(sampler_cfg), generator=torch.Generator().manual_seed(seed))
+    sampler = SAMPLERS.get(sampler_cfg.name)
+    # A sampler that draws something once per rollout (Flow-DPPO's SDE step set) draws it from the eval seed: the
+    # evaluation is one rollout, the same one at every evaluation, so the training sampler can be evaluated too.
+    if accepts_argument(sampler, "rollout_id"):
+        kwargs["rollout_id"] = seed
     # Each chunk's prompts are encoded as it is sampled, so a large eval set is never encoded at once.
     chunks = sample_chunks(policy, lambda rows: policy.encode_prompts(list(prompts[rows])), noise,
-                           SAMPLERS.get(sampler_cfg.name), sigmas, kwargs, snapshot=snapshot,
+                           sampler, sigmas, kwargs, snapshot=snapshot,
                            cfg_scale=sampler_cfg.cfg_scale, chunk_size=batch_size)
     images, nfe = [], 0
     total = -(-len(prompts) // batch_size)

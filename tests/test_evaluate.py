@@ -1,4 +1,7 @@
-"""Evaluation sampling: the images do not depend on how the evaluation set is batched."""
+"""Evaluation sampling: the images do not depend on how the evaluation set is batched; a sampler that draws per
+rollout draws from the eval seed."""
+import copy
+
 import pytest
 import torch
 
@@ -29,3 +32,32 @@ def test_the_eval_batch_size_is_a_speed_knob_only_the_images_are_bit_identical(i
     images = {b: generate(policy, texts, noise, cfg.eval.sampler, batch_size=b, seed=cfg.eval.seed + 1)[0]
               for b in (DEFAULT_BATCH_SIZE, OTHER_BATCH_SIZE)}
     assert torch.equal(images[DEFAULT_BATCH_SIZE], images[OTHER_BATCH_SIZE])
+
+
+def test_a_sampler_that_draws_its_sde_steps_per_rollout_can_be_evaluated_and_draws_them_from_the_eval_seed():
+    """Flow-DPPO's training sampler draws its SDE step set per rollout (`sde_count` of `sde_pool`, seeded by the
+    rollout's index). Evaluated (e.g. `eval.sampler=${rollout.sampler}`), the evaluation is one rollout whose index
+    is the eval seed: the images equal those of the explicit set `draw_sde_steps(seed, pool, count)` with the same
+    noise, and another seed draws another set."""
+    from diffrl_bench.sde import draw_sde_steps
+
+    cfg = load_config("toy_flow_dppo", ["train.threads=1"])
+    policy = build_policy(cfg.model)
+    texts = ["a photo of a red circle", "a photo of two squares"]
+    noise = eval_noise(len(texts), policy.latent_shape, 0)
+    drawn = cfg.rollout.sampler  # noise level 0.7 on 3 steps drawn among the first 5 of 10
+    assert list(drawn.options.sde_pool) == [0, 5] and drawn.options.sde_count == 3
+    seed = 7
+    steps = draw_sde_steps(seed, [0, 5], 3)
+    other = next(s for s in range(100) if draw_sde_steps(s, [0, 5], 3) != steps)
+
+    def explicit(sde_steps):
+        sampler = copy.deepcopy(drawn)
+        sampler.options = {"noise_level": drawn.options.noise_level, "sde_type": drawn.options.sde_type,
+                           "sde_steps": sde_steps}
+        return sampler
+
+    images = generate(policy, texts, noise, drawn, seed=seed)[0]
+    assert torch.equal(images, generate(policy, texts, noise, explicit(steps), seed=seed)[0])
+    assert not torch.equal(images, generate(policy, texts, noise, explicit(draw_sde_steps(other, [0, 5], 3)),
+                                            seed=seed)[0])
