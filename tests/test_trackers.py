@@ -34,6 +34,13 @@ def expected_scalars(rows):
     return out
 
 
+def assert_points(got, points, tag, **tolerance):
+    """(step, value) series: the steps exactly, the values with pytest.approx(**tolerance) (pytest 9's approx
+    refuses a list of tuples)."""
+    assert [s for s, _ in got] == [s for s, _ in points], tag
+    assert [v for _, v in got] == pytest.approx([v for _, v in points], **tolerance), tag
+
+
 @needs_tb
 def test_tensorboard_event_file_holds_exactly_the_rows(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -53,9 +60,7 @@ def test_tensorboard_event_file_holds_exactly_the_rows(tmp_path):
     assert set(acc.Tags()["scalars"]) == set(want)
     for tag, points in want.items():
         got = [(e.step, e.value) for e in acc.Scalars(tag)]
-        assert [s for s, _ in got] == [s for s, _ in points], tag
-        # event files store float32
-        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6, abs=1e-12), tag
+        assert_points(got, points, tag, rel=1e-6, abs=1e-12)  # event files store float32
     (image,) = acc.Images("eval/grid_end")
     assert (image.step, image.width, image.height) == (2, 8, 6)
     from PIL import Image
@@ -251,9 +256,7 @@ def test_mlflow_file_store_holds_the_rows_params_and_tags(tmp_path, monkeypatch)
     assert run.data.params["train.lr"] == "0.0001" and run.data.tags["arm"] == "nft"
     for tag, points in expected_scalars(ROWS).items():
         got = [(m.step, m.value) for m in client.get_metric_history(run_id, tag)]
-        # steps exactly, values approximately (pytest 9's approx refuses a list of (step, value) tuples)
-        assert [s for s, _ in got] == [s for s, _ in points], tag
-        assert [v for _, v in got] == pytest.approx([v for _, v in points]), tag
+        assert_points(got, points, tag)
 
 
 # ------------------------------------------------------------------------------------------------ resumed runs
@@ -294,8 +297,7 @@ def test_a_resumed_run_logs_redone_steps_to_tensorboard_once(tmp_path):
     events.Reload()
     for tag, points in expected_scalars(table).items():
         got = sorted((e.step, e.value) for e in events.Scalars(tag))
-        assert [s for s, _ in got] == [s for s, _ in points], tag  # each step once
-        assert [v for _, v in got] == pytest.approx([v for _, v in points], rel=1e-6), tag
+        assert_points(got, points, tag, rel=1e-6)  # each step once
     assert sorted(e.step for e in events.Images("eval/grid_2")) == [2]
     assert sorted(e.step for e in events.Images("eval/grid_4")) == [4]
 
@@ -318,8 +320,7 @@ def test_a_resumed_run_continues_the_same_mlflow_run_without_repeating_steps(tmp
     client = mlflow.tracking.MlflowClient(tracking_uri=uri)
     for tag, points in expected_scalars(table).items():
         got = sorted((m.step, m.value) for m in client.get_metric_history(ids[0], tag))
-        assert [s for s, _ in got] == [s for s, _ in points], tag
-        assert [v for _, v in got] == pytest.approx([v for _, v in points]), tag
+        assert_points(got, points, tag)
 
 
 @needs_wandb
