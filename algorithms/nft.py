@@ -12,7 +12,7 @@ import torch
 
 from diffrl_bench.advantages import optimality_probability
 from diffrl_bench.algorithm import RolloutBatch, RolloutRequest, TrainingItem, require
-from diffrl_bench.algorithms.checks import check_decays, check_time_distribution
+from diffrl_bench.algorithms.checks import check_decays, check_time_distribution, check_training_times
 from diffrl_bench.algorithms.forward_items import forward_process_items
 from diffrl_bench.algorithms.weighting import adaptive_x0_loss
 from diffrl_bench.flow import mean_chw, per_sample
@@ -140,6 +140,10 @@ class DiffusionNFT:
     """DiffusionNFT (Zheng et al., 2025; NVlabs/DiffusionNFT): negative-aware fine-tuning on the forward process."""
 
     Config = NFTConfig
+
+    @staticmethod
+    def check_run(config: NFTConfig, run: Any) -> None:
+        check_training_times(config, run)
 
     def __init__(self, config: NFTConfig, run: Any = None):
         self.config = config

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -22,11 +23,21 @@ def cmd_train(args) -> int:
 
     from diffrl_bench.runlog import run_summary
 
+    from diffrl_bench.distributed import end_processes
+    from diffrl_bench.reward_harness import RewardError
+    from diffrl_bench.run_guards import RunStopped
+
     cfg = load_config(args.config, args.overrides)
     started = time.time()
     _stop_on_sigterm()
-    out = train(cfg, progress=not args.no_progress)
-    if PartialState().is_main_process:
+    try:
+        out = train(cfg, progress=not args.no_progress)
+    except (RewardError, RunStopped):
+        end_processes()  # these stops are agreed by every process (`Processes.failures`): none is left waiting
+        raise
+    main_process = PartialState().is_main_process
+    end_processes()
+    if main_process:
         print(run_summary(Path(out), list(cfg.eval.rewards), time.time() - started))
     return 0
 
@@ -298,7 +309,22 @@ def console_main() -> int:
     except ConfigError as error:
         print(f"diffrl-bench: {error}", file=sys.stderr)
         return 2
-    return main()
+    return exit_code(main())
+
+
+def exit_code(code: int) -> int:
+    """`code`, or, when a reward call given up on is still running on its thread, no return at all: the process
+    exits with `code` at once, skipping interpreter finalisation, which would abort it (see `abandoned_calls`)."""
+    from diffrl_bench.reward_harness import abandoned_calls
+
+    running = abandoned_calls()
+    if running:
+        log.warning("reward threads %s still running: exiting without waiting for them", running)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -139,3 +139,13 @@ class Processes:
         """This process's generators under their checkpoint names."""
         return {(name if self.rank == 0 or name not in PER_RANK_GENERATORS else f"{name}@rank{self.rank}"): g
                 for name, g in generators.items()}
+
+
+def end_processes() -> None:
+    """Tear down the process group at a normal end (or a stop every process agreed on): torch asks for it before
+    exit, and without it two-process gloo runs were seen aborting at exit (ENV_NOTES). Not after a failure on one
+    process alone: the others may still wait in a collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

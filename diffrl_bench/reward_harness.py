@@ -16,6 +16,22 @@ from diffrl_bench.config import ConfigError
 
 DEFAULT_TIMEOUT_S = 600.0
 """seconds one scoring call (all components of one chunk) may take before the run stops (RewardConfig.timeout_s)"""
+CLOSE_GRACE_S = 10.0
+"""seconds `WeightedReward.close` lets a running scoring call finish before abandoning it"""
+
+_ABANDONED: List[threading.Thread] = []
+
+
+def _abandon(thread: threading.Thread) -> None:
+    _ABANDONED.append(thread)
+
+
+def abandoned_calls() -> List[str]:
+    """The names of reward threads given up on (past the timeout, or not done when the harness closed) that are
+    still running. Python stops daemon threads at interpreter exit only when they next take the GIL; one inside a
+    torch or other C++ call then unwinds through C++ and the process aborts ("terminate called without an active
+    exception", exit -6) instead of exiting with its code, so the command-line exits without finalising then."""
+    return [thread.name for thread in _ABANDONED if thread.is_alive()]
 
 
 class Reward(Protocol):
@@ -160,9 +176,11 @@ def call_reward_within(timeout_s: Optional[float], name: str, reward: Reward, im
         except BaseException as error:  # noqa: BLE001 - delivered to the caller through the future
             _settle(future.set_exception, error)
 
-    threading.Thread(target=run, name=f"reward-{name}", daemon=True).start()
+    thread = threading.Thread(target=run, name=f"reward-{name}", daemon=True)
+    thread.start()
     done, _ = wait_futures([future], timeout=timeout_s)
     if not done:
+        _abandon(thread)
         raise RewardError(f"reward {name!r} did not answer within {timeout_s:g} s (reward.timeout_s); the "
                           f"evaluation stops. A reward server may be down or overloaded")
     return future.result()
@@ -290,9 +308,10 @@ class WeightedReward:
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
         return self.submit(images, prompts, metadata).result()
 
-    def close(self) -> None:
-        """Stop the worker: calls not yet started are cancelled, and nothing waits for the running one (after
-        Ctrl-C or a timeout it may never return; the daemon thread dies with the process)."""
+    def close(self, grace_s: float = CLOSE_GRACE_S) -> None:
+        """Stop the worker: calls not yet started are cancelled; the running one gets up to `grace_s` to finish
+        (0 after Ctrl-C; none for a call already past the timeout), after which it is abandoned to its daemon
+        thread (see `abandoned_calls`)."""
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -301,3 +320,9 @@ class WeightedReward:
             if job is not None:
                 job.future.cancel()
         self._jobs.put(None)
+        # A run stopped by one chunk's failure may still be scoring the next: left running inside a torch op,
+        # it would abort the interpreter at exit (SIGABRT instead of the run's exit code).
+        if self._hung is None and grace_s > 0:
+            self._thread.join(grace_s)
+        if self._thread.is_alive():
+            _abandon(self._thread)

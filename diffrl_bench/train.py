@@ -36,7 +36,7 @@ from diffrl_bench.precision import apply_tf32
 from diffrl_bench.prompts import load_prompts
 from diffrl_bench.prompts import validate_prompt_sources
 from diffrl_bench.registry import ALGORITHMS, SAMPLERS
-from diffrl_bench.reward_harness import RewardError, WeightedReward
+from diffrl_bench.reward_harness import CLOSE_GRACE_S, RewardError, WeightedReward
 from diffrl_bench.rollout import sample_chunks
 from diffrl_bench.run_guards import (check_device, check_model_path, check_resume_config, is_main_launch_process,
                                      lock_run_dir, non_finite, non_finite_metrics, stop_before_update,
@@ -525,6 +525,7 @@ class Trainer:
         if self.step == 0 and cfg.eval.every >= 0:
             self.run_eval("start")
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc=cfg.name, unit="step", disable=not self.progress)
+        interrupted = False
         try:
             # Asked once per step: under several processes `finished` is a collective.
             last = self.finished()
@@ -539,9 +540,13 @@ class Trainer:
                     self.run_eval(f"step{self.step:05d}")
                 if not last and cfg.checkpoint.every > 0 and self.step % cfg.checkpoint.every == 0:
                     self.save()
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
             bar.close()
-            self.reward.close()
+            # Ctrl-C means now; after any other stop the chunk still being scored may finish first.
+            self.reward.close(grace_s=0 if interrupted else CLOSE_GRACE_S)
         # A run killed after its last checkpoint but after its end eval must not log that eval twice.
         if cfg.eval.every >= 0 and not self.metrics.has_eval_at(self.step):
             self.run_eval("end")

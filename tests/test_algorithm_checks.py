@@ -7,7 +7,7 @@ import pytest
 
 from diffrl_bench.algorithm import OptionError, require
 from diffrl_bench.algorithms.checks import check_decays, check_time_distribution, check_training_times
-from diffrl_bench.config import ConfigError, load_config
+from diffrl_bench.config import CONFIG_DIR, ConfigError, load_config
 
 
 @dataclass
@@ -90,3 +90,25 @@ def test_time_draw_is_checked_where_a_plugin_has_it():
 def test_validate_errors_keep_the_field_path(config, override, key):
     with pytest.raises(ConfigError, match=f"bad config key '{key}': "):
         load_config(config, override.split())
+
+
+TIME_DRAWING_CONFIGS = [path.stem for path in sorted(CONFIG_DIR.glob("toy_*.yaml"))
+                        if "time_distribution" in load_config(path.stem).algo]
+
+
+def test_the_forward_process_methods_are_all_checked_below():
+    assert {load_config(name).algorithm for name in TIME_DRAWING_CONFIGS} >= {"nft", "awm", "crd", "elbo_pg", "rft"}
+
+
+@pytest.mark.parametrize("config", TIME_DRAWING_CONFIGS)
+def test_every_algorithm_drawing_times_from_the_grid_refuses_more_times_than_it_has_at_load(config):
+    """Caught at load, naming the key, not by the first training step after a whole rollout (NFT once was)."""
+    cfg = load_config(config)
+    steps = cfg.rollout.sampler.num_steps
+    overrides = ["algo.time_distribution=grid_subset", f"algo.num_train_times={steps + 1}"]
+    if "time_index_range" in cfg.algo:
+        overrides.append("algo.time_index_range=null")
+    with pytest.raises(ConfigError, match=f"bad config key 'algo.num_train_times': {steps + 1} times per sample "
+                                          f"from grid_subset exceeds the {steps} non-zero points"):
+        load_config(config, overrides)
+    load_config(config, overrides[:1] + [f"algo.num_train_times={steps}"] + overrides[2:])

@@ -163,6 +163,26 @@ def test_local_slices_tile_the_step_in_rank_order(world, total):
     assert covered == list(range(total))
 
 
+# ---------------------------------------------------------------------- the README's command on two processes
+@pytest.mark.slow
+def test_the_readme_accelerate_command_trains_on_two_processes_and_exits_cleanly(tiny_run, tmp_path):
+    """`accelerate launch --config_file .../ddp.yaml -m diffrl_bench.cli train CONFIG [overrides]` (README), with
+    two CPU processes: both exit 0 (the process group is torn down before exit), the summary line is printed once."""
+    overrides = [o if not o.startswith("reward.components.") else "reward.components.jpeg_compressibility=1.0"
+                 for o in tiny_run("eval.every=-1", "checkpoint.every=0", "train.steps=2", out=tmp_path / "run")]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "ddp.yaml"),
+               "--num_processes", "2", "--main_process_port", str(_free_port()),
+               "-m", "diffrl_bench.cli", "train", "toy_nft", "--no-progress", *overrides]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "terminate called" not in done.stderr
+    assert done.stdout.count("no held-out evaluation (eval.every < 0)") == 1, done.stdout
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["world_size"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
+
+
 # ---------------------------------------------------------------------- a failure on one process stops them all
 FAILING_WORKER = Path(__file__).with_name("failing_worker.py")
 

@@ -103,11 +103,12 @@ def test_threaded_scoring_overlaps_with_the_caller(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- hangs, NaN, options
+import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 
-from diffrl_bench.reward_harness import RewardConfigError, build_reward, call_reward  # noqa: E402
+from diffrl_bench.reward_harness import RewardConfigError, abandoned_calls, build_reward, call_reward  # noqa: E402
 
 
 class _Hanging:
@@ -274,8 +275,9 @@ def test_ctrl_c_stops_a_process_waiting_on_a_hung_reward(tmp_path):
         "reward = WeightedReward({'forever': 1.0}, timeout_s=0)\n"
         "try:\n"
         "    reward.submit(torch.rand(2, 3, 8, 8), ['a', 'b'], [{}, {}]).result()\n"
-        "finally:\n"
-        "    reward.close()\n")
+        "except KeyboardInterrupt:\n"
+        "    reward.close(grace_s=0)  # as the Trainer does after Ctrl-C\n"
+        "    raise\n")
     process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert process.stdout.readline() == "scoring\n"
@@ -285,3 +287,83 @@ def test_ctrl_c_stops_a_process_waiting_on_a_hung_reward(tmp_path):
         if process.poll() is None:
             process.kill()
     assert process.returncode != 0 and "KeyboardInterrupt" in stderr
+
+
+# --------------------------------------------------------------------------- closing while a call is still running
+_BUSY_REWARD = (
+    "import sys, time, torch\n"
+    "from diffrl_bench.cli import exit_code\n"
+    "from diffrl_bench.registry import REWARDS\n"
+    "from diffrl_bench.reward_harness import RewardError, WeightedReward\n"
+    "torch.set_num_threads(1)\n"
+    "class FailsThenBusy:\n"
+    "    # the first chunk fails at once; later ones keep the thread inside torch ops for BUSY_S seconds\n"
+    "    name = 'fails_then_busy'\n"
+    "    calls = 0\n"
+    "    def __call__(self, images, prompts, metadata):\n"
+    "        FailsThenBusy.calls += 1\n"
+    "        if FailsThenBusy.calls == 1:\n"
+    "            raise ValueError('bad chunk')\n"
+    "        a, end = torch.randn(300, 300), time.monotonic() + BUSY_S\n"
+    "        while time.monotonic() < end:\n"
+    "            a = torch.tanh(a @ a)\n"
+    "        return {self.name: images.mean(dim=(1, 2, 3))}\n"
+    "REWARDS._items['fails_then_busy'] = lambda **kw: FailsThenBusy()\n"
+    "reward = WeightedReward({'fails_then_busy': 1.0}, timeout_s=TIMEOUT_S)\n"
+    "batch = (torch.rand(2, 3, 8, 8), ['a', 'b'], [{}, {}])\n"
+    "first, second = reward.submit(*batch), reward.submit(*batch)\n"
+    "try:\n"
+    "    (second if WAIT_SECOND else first).result()\n"
+    "except RewardError as error:\n"
+    "    print('stopped:', error, flush=True)\n"
+    "    reward.close()\n"
+    "    sys.exit(EXIT(1))\n")
+
+
+def _run_busy(tmp_path, busy_s, timeout_s, wait_second, through_exit_code):
+    script = tmp_path / "busy.py"
+    script.write_text(_BUSY_REWARD.replace("BUSY_S", str(busy_s)).replace("TIMEOUT_S", str(timeout_s))
+                      .replace("WAIT_SECOND", str(wait_second)).replace("EXIT", "exit_code" if through_exit_code else ""))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_failed_chunk_stops_after_the_chunk_being_scored_finishes(tmp_path):
+    """Chunk 1 fails while chunk 2 is being scored inside torch ops. Exiting at once would stop that thread in C++
+    code and the interpreter aborts (-6, "terminate called without an active exception": a 2-process test saw it);
+    `close` lets the call finish, so the process exits with its own code."""
+    done = _run_busy(tmp_path, busy_s=1.5, timeout_s=0, wait_second=False, through_exit_code=False)
+    assert "terminate called" not in done.stderr
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == "stopped: reward 'fails_then_busy' raised ValueError: bad chunk\n"
+
+
+def test_a_call_past_the_timeout_inside_torch_does_not_abort_the_command(tmp_path):
+    """A call given up on (past reward.timeout_s) is still inside torch ops at exit; the command's `exit_code`
+    leaves without interpreter finalisation and keeps the run's exit code."""
+    done = _run_busy(tmp_path, busy_s=60, timeout_s=0.5, wait_second=True, through_exit_code=True)
+    assert "terminate called" not in done.stderr
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.startswith("stopped: reward 'fails_then_busy' did not answer within 0.5 s")
+    assert "reward threads ['reward'] still running: exiting without waiting for them" in done.stderr
+
+
+def test_closing_waits_for_the_running_call_and_ends_the_thread(monkeypatch):
+    release, finished = threading.Event(), threading.Event()
+
+    class Slow:
+        name = "slow_call"
+
+        def __call__(self, images, prompts, metadata):
+            release.wait()
+            finished.set()
+            return {self.name: torch.zeros(images.shape[0])}
+
+    monkeypatch.setitem(REWARDS._items, "slow_call", lambda **kw: Slow())
+    reward = WeightedReward({"slow_call": 1.0}, worker="thread", timeout_s=0)
+    running, queued = reward.submit(*_batch()), reward.submit(*_batch())
+    threading.Timer(0.3, release.set).start()
+    reward.close(grace_s=30)
+    assert finished.is_set() and not reward._thread.is_alive()
+    assert running.done() and queued.cancelled()
+    assert reward._thread.name not in abandoned_calls()
