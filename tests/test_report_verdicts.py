@@ -416,3 +416,24 @@ def test_cli_bad_claim_file_exits_2_naming_the_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "claimed_speedup" in err
     assert not (tmp_path / "out").exists()  # failed before any analysis or output
+
+
+def test_extended_runs_that_stopped_short_are_named_in_the_notes(tmp_path):
+    # Every flow_grpo seed runs to at least 1600 gpu-hours (seed 0, scale 0.8: 8 tau x 0.8 x 25); seed 3 is cut
+    # below 900, as a seed whose extension has not run yet: only it is named, with what it spent.
+    from diffrl_bench.report import analyse
+
+    root = tmp_path / "r"
+    make_results(root)
+    metrics = root / "flow_grpo" / "seed3" / "metrics.csv"
+    frame = pd.read_csv(metrics)
+    frame[frame["cost/gpu_hours"] < 900].to_csv(metrics, index=False)
+    spent = frame[frame["cost/gpu_hours"] < 900]["cost/gpu_hours"].max()
+    (root / "sweep.json").write_text(json.dumps({"sweeps": {"t": {"spec": {
+        "budget": {"gpu_hours": 100.0}, "extend": {"arms": ["flow_grpo"], "budget": {"gpu_hours": 1000.0}}}}}}))
+    notes = [n for n in analyse(root, n_boot=50).notes if "stopped short" in n]
+    assert len(notes) == 1 and notes[0].startswith("1 extended run(s) stopped short of 1000 gpu_hours")
+    assert f"flow_grpo seed 3 ({spent:.2g})" in notes[0] and "seed 0" not in notes[0]
+    (root / "sweep.json").write_text(json.dumps({"sweeps": {"t": {"spec": {
+        "budget": {"gpu_hours": 100.0}, "extend": {"arms": ["flow_grpo"], "budget": {"gpu_hours": 800.0}}}}}}))
+    assert not [n for n in analyse(root, n_boot=50).notes if "stopped short" in n]

@@ -18,7 +18,7 @@ from diffrl_bench.report.completeness import (recorded_sweeps, spec_baseline, sp
                                               unfinished_runs)
 from diffrl_bench.report.errors import ReportError, UnknownArmError
 from diffrl_bench.report.runs import (COST_UNITS, MISSING, RunResult, config_value, cut_at_budget, load_runs,
-                                     phase_breakdown, resolve_metrics)
+                                     phase_breakdown, resolve_metrics, short_of_budget)
 from diffrl_bench.report.stats import bootstrap_ci, speedup_ci, t_interval, threshold_crossing
 from diffrl_bench.report.wording import speedup_sentence
 
@@ -174,6 +174,13 @@ def analyse(results_dir, *, baseline: Optional[str] = None, threshold: Optional[
                      f"(`extend:`) so that their cost to the claims' thresholds is measured, not censored; every "
                      f"table, final score and held-out comparison here reads them at the common budget "
                      f"({extension['budget']:g} {extension['kind']}), the claims' crossing costs read the whole runs")
+        short = short_of_budget([r for r in full_runs if r.arm in extension["arms"]], extension["column"],
+                                extension["extended"])
+        if short:
+            listed = ", ".join(f"{r.arm} seed {r.seed} ({spent:.2g})" for r, spent in short)
+            notes.append(f"{len(short)} extended run(s) stopped short of {extension['extended']:g} "
+                         f"{extension['kind']} (not extended yet, or stopped early): {listed}; each such "
+                         f"seed is censored at its own last evaluation")
     arms = sorted({r.arm for r in runs})
     unfinished = unfinished_runs(results_dir)
     if unfinished:

@@ -159,6 +159,18 @@ def cut_at_budget(run: RunResult, column: str, budget: float) -> RunResult:
     return dataclasses.replace(run, frame=run.frame[run.frame["step"] <= last].copy())
 
 
+def short_of_budget(runs: Sequence[RunResult], column: str, budget: float) -> List[Tuple[RunResult, float]]:
+    """(run, what it spent) of every run whose last row spent less than `budget` in `column`: runs of an `extend:`
+    that has not run yet (or stopped early), whose seeds are censored at their own last evaluation instead."""
+    short = []
+    for run in runs:
+        values = run.frame[column].dropna().to_numpy(dtype=float) if column in run.frame else np.array([])
+        spent = float(values.max()) if len(values) else 0.0
+        if spent < budget:
+            short.append((run, spent))
+    return short
+
+
 def _metric_for(reward: str, runs: Sequence[RunResult]) -> Optional[str]:
     # The first form that some run has wins (diffrl_bench/headline.py, the Trainer's rule too); every run is then
     # held to that same column, because mixing the strict and partial-credit forms across arms would compare
