@@ -365,7 +365,8 @@ def test_local_runs_side_by_side_share_the_cores_and_match_sequential_runs(tmp_p
     assert len({p.name.split("_")[0] for p in logs}) == 2  # two job processes
 
 
-def test_ctrl_c_stops_every_local_job_and_the_sweep_resumes_them(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])   # Ctrl-C, and `kill PID` on a background sweep
+def test_ctrl_c_stops_every_local_job_and_the_sweep_resumes_them(tmp_path, tiny_model_dir, stop):
     steps = 10
     path = make_spec(tmp_path, tiny_model_dir, reward="toy_geneval", steps=steps,
                      executor={"kind": "local", "parallel": 2})
@@ -385,7 +386,7 @@ def test_ctrl_c_stops_every_local_job_and_the_sweep_resumes_them(tmp_path, tiny_
                 assert time.time() < deadline, "sweep too slow"
                 time.sleep(0.05)
             jobs = {int(p.name.split("_")[0]) for p in (tmp_path / "results" / "submitit").glob("*_log.out")}
-            proc.send_signal(signal.SIGINT)  # Ctrl-C on the sweep process alone
+            proc.send_signal(getattr(signal, stop))  # to the sweep process alone
             assert proc.wait(timeout=60) == 130, (tmp_path / "sweep.log").read_text()
         finally:
             proc.kill()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import contextlib
 import queue
+import signal
 import threading
 import time
 from collections import Counter
@@ -126,6 +128,24 @@ def _execute_sequential(spec: Spec, runs: Sequence[SweepRun], progress: Progress
         progress.finished(run, run_job(_job(spec, run)))
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (`kill PID`, a scheduler stopping the sweep) raises KeyboardInterrupt, as Ctrl-C does: otherwise the
+    sweep process dies alone and its local jobs run on unseen, holding the cores and their runs' locks."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _execute_local(spec: Spec, runs: Sequence[SweepRun], progress: Progress) -> None:
     """submitit's local executor, at most `parallel` jobs at a time, each on its own device group."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -166,21 +186,22 @@ def _execute_local(spec: Spec, runs: Sequence[SweepRun], progress: Progress) -> 
             slots.put(devices)
 
     pool = ThreadPoolExecutor(max_workers=parallel)
-    try:
-        futures = {pool.submit(work, run): run for run in runs}
-        for future in as_completed(futures):
-            progress.finished(futures[future], future.result())
-    except KeyboardInterrupt:
-        # Local job processes outlive this one unless told to stop: each gets SIGINT (the run stops as on Ctrl-C,
-        # its checkpoints kept; submitit follows with SIGKILL after a second), and the sweep returns once they
-        # are gone, so that nothing of it is left running.
-        pool.shutdown(wait=False, cancel_futures=True)
-        for job in list(jobs):
-            job.cancel(check=False)
-        deadline = time.monotonic() + CANCEL_WAIT_S
-        while any(not job.done() for job in list(jobs)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        raise
+    with _terminate_as_interrupt():
+        try:
+            futures = {pool.submit(work, run): run for run in runs}
+            for future in as_completed(futures):
+                progress.finished(futures[future], future.result())
+        except KeyboardInterrupt:
+            # Local job processes outlive this one unless told to stop: each gets SIGINT (the run stops as on Ctrl-C,
+            # its checkpoints kept; submitit follows with SIGKILL after a second), and the sweep returns once they
+            # are gone, so that nothing of it is left running.
+            pool.shutdown(wait=False, cancel_futures=True)
+            for job in list(jobs):
+                job.cancel(check=False)
+            deadline = time.monotonic() + CANCEL_WAIT_S
+            while any(not job.done() for job in list(jobs)) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            raise
     pool.shutdown()
 
 
