@@ -25,11 +25,11 @@ def cmd_train(args) -> int:
 
     from diffrl_bench.distributed import end_processes
     from diffrl_bench.reward_harness import RewardError
-    from diffrl_bench.run_guards import RunStopped
+    from diffrl_bench.run_guards import RunStopped, stop_on_sigterm
 
     cfg = load_config(args.config, args.overrides)
     started = time.time()
-    _stop_on_sigterm()
+    stop_on_sigterm()
     try:
         out = train(cfg, progress=not args.no_progress)
     except (RewardError, RunStopped):
@@ -40,20 +40,6 @@ def cmd_train(args) -> int:
     if main_process:
         print(run_summary(Path(out), list(cfg.eval.rewards), time.time() - started))
     return 0
-
-
-def _stop_on_sigterm() -> None:
-    """SIGTERM (a scheduler's cancel, `kill`) stops a run like Ctrl-C: at once, through its cleanup (the reward
-    worker, the run directory's lock), leaving the newest checkpoint as it is (checkpoints are written to a
-    temporary folder and renamed, so none is ever half-written under its final name)."""
-    import signal
-    import threading
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
 
 
 def cmd_list(args) -> int:

@@ -153,6 +153,21 @@ def check_resume_config(out: Path, cfg) -> None:
 NOT_SAVED = "no checkpoint holds these weights (the newest checkpoint is the last good state)"
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler's cancel, `kill`) stops `train` or `sweep` like Ctrl-C: at once, through its cleanup (the
+    reward worker, the run directory's lock; a local sweep's jobs, which would otherwise run on unseen), leaving the
+    newest checkpoint as it is (checkpoints are written to a temporary folder and renamed, so none is ever
+    half-written under its final name)."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def non_finite(value: float, quantity: str) -> Optional[str]:
     """`quantity is nan` when `value` is not finite, else None (the problem a process reports to the others)."""
     return None if math.isfinite(value) else f"{quantity} is {value}"

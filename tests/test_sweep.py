@@ -377,8 +377,11 @@ def test_ctrl_c_stops_every_local_job_and_the_sweep_resumes_them(tmp_path, tiny_
         return newest is not None and int(newest.name[len(PREFIX):]) >= 2
 
     with open(tmp_path / "sweep.log", "w") as log_file:
+        # `kill PID` stops a sweep started in the background by a script, which inherits SIGINT ignored
+        # (`nohup ... &`): its jobs must still be stoppable.
+        ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if stop == "SIGTERM" else None
         proc = subprocess.Popen([sys.executable, "-m", "diffrl_bench.sweep", str(path), "--no-progress"],
-                                stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path)
+                                stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path, preexec_fn=ignore_sigint)
         deadline = time.time() + 180
         try:
             while not all(checkpointed(out) for out in outs):

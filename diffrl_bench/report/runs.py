@@ -160,15 +160,10 @@ def cut_at_budget(run: RunResult, column: str, budget: float) -> RunResult:
 
 
 def short_of_budget(runs: Sequence[RunResult], column: str, budget: float) -> List[Tuple[RunResult, float]]:
-    """(run, what it spent) of every run whose last row spent less than `budget` in `column`: runs of an `extend:`
+    """(run, what it spent) of every run that spent less than `budget` in `column`: runs of an `extend:`
     that has not run yet (or stopped early), whose seeds are censored at their own last evaluation instead."""
-    short = []
-    for run in runs:
-        values = run.frame[column].dropna().to_numpy(dtype=float) if column in run.frame else np.array([])
-        spent = float(values.max()) if len(values) else 0.0
-        if spent < budget:
-            short.append((run, spent))
-    return short
+    spent = [(run, float(run.frame[column].max())) for run in runs]   # cut_at_budget has checked the column
+    return [(run, cost) for run, cost in spent if not cost >= budget]
 
 
 def _metric_for(reward: str, runs: Sequence[RunResult]) -> Optional[str]:

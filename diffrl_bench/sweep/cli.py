@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence
 
 from diffrl_bench.config import ConfigError
 from diffrl_bench.console import setup_logging
+from diffrl_bench.run_guards import stop_on_sigterm
 from diffrl_bench.sweep.executors import execute
 from diffrl_bench.sweep.expansion import dotlist, expand, validate_runs
 from diffrl_bench.sweep.spec import EXECUTOR_KINDS, Spec, SweepError, SweepRun, load_spec
@@ -86,6 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         setup_logging(getattr(args, "verbose", False))
+    stop_on_sigterm()  # `kill PID` on a background sweep stops it (and a local sweep's jobs) as Ctrl-C does
     try:
         spec = load_spec(args.spec)
         if args.executor:

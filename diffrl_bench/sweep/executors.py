@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-import contextlib
 import queue
-import signal
 import threading
 import time
 from collections import Counter
@@ -128,22 +126,14 @@ def _execute_sequential(spec: Spec, runs: Sequence[SweepRun], progress: Progress
         progress.finished(run, run_job(_job(spec, run)))
 
 
-@contextlib.contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM (`kill PID`, a scheduler stopping the sweep) raises KeyboardInterrupt, as Ctrl-C does: otherwise the
-    sweep process dies alone and its local jobs run on unseen, holding the cores and their runs' locks."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _receive_sigint() -> None:
+    """Stopping local jobs is SIGINT to each (submitit's `cancel`). A process started in the background by a script
+    (`nohup diffrl-bench sweep ... &`) inherits SIGINT ignored, and so would the jobs it starts, which could then
+    not be stopped: take SIGINT back (as Ctrl-C) before any job is started, so that they are born with it too."""
+    import signal
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _execute_local(spec: Spec, runs: Sequence[SweepRun], progress: Progress) -> None:
@@ -158,6 +148,7 @@ def _execute_local(spec: Spec, runs: Sequence[SweepRun], progress: Progress) -> 
     # Runs side by side share the cores: each gets an equal whole share of threads, never oversubscribing them.
     max_threads = thread_share(parallel, per_job)
     log.info("local executor: %d run(s) at a time, at most %d CPU thread(s) per process", parallel, max_threads)
+    _receive_sigint()
     executor = submitit.AutoExecutor(folder=spec.results_dir / "submitit", cluster="local")
     try:
         executor.update_parameters(**{"timeout_min": LOCAL_TIMEOUT_MIN, **spec.executor.parameters})
@@ -186,22 +177,21 @@ def _execute_local(spec: Spec, runs: Sequence[SweepRun], progress: Progress) -> 
             slots.put(devices)
 
     pool = ThreadPoolExecutor(max_workers=parallel)
-    with _terminate_as_interrupt():
-        try:
-            futures = {pool.submit(work, run): run for run in runs}
-            for future in as_completed(futures):
-                progress.finished(futures[future], future.result())
-        except KeyboardInterrupt:
-            # Local job processes outlive this one unless told to stop: each gets SIGINT (the run stops as on Ctrl-C,
-            # its checkpoints kept; submitit follows with SIGKILL after a second), and the sweep returns once they
-            # are gone, so that nothing of it is left running.
-            pool.shutdown(wait=False, cancel_futures=True)
-            for job in list(jobs):
-                job.cancel(check=False)
-            deadline = time.monotonic() + CANCEL_WAIT_S
-            while any(not job.done() for job in list(jobs)) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            raise
+    try:
+        futures = {pool.submit(work, run): run for run in runs}
+        for future in as_completed(futures):
+            progress.finished(futures[future], future.result())
+    except KeyboardInterrupt:
+        # Local job processes outlive this one unless told to stop: each gets SIGINT (the run stops as on Ctrl-C,
+        # its checkpoints kept; submitit follows with SIGKILL after a second), and the sweep returns once they
+        # are gone, so that nothing of it is left running.
+        pool.shutdown(wait=False, cancel_futures=True)
+        for job in list(jobs):
+            job.cancel(check=False)
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while any(not job.done() for job in list(jobs)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        raise
     pool.shutdown()
 
 
