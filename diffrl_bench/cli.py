@@ -113,7 +113,7 @@ def cmd_eval(args) -> int:
     import json
 
     from diffrl_bench.config import load_config
-    from diffrl_bench.evaluate import build_eval_rewards, eval_snapshot, evaluate
+    from diffrl_bench.evaluate import build_eval_rewards, eval_samplers, eval_snapshot, evaluate
     from diffrl_bench.models import THETA, build_policy
     from diffrl_bench.prompts import validate_prompt_sources
     from diffrl_bench.run_guards import check_model_path
@@ -134,8 +134,11 @@ def cmd_eval(args) -> int:
         _load_trained(policy, cfg, checkpoint)
         snapshot = eval_snapshot(cfg.eval)
         log.info("evaluating %s of %s", snapshot, checkpoint)
-    metrics, _, _ = evaluate(policy, prompts, cfg.eval, build_eval_rewards(cfg), snapshot=snapshot, progress=True,
-                             timeout_s=cfg.reward.timeout_s)
+    rewards = build_eval_rewards(cfg)
+    metrics = {}
+    for prefix, sampler in eval_samplers(cfg.eval):  # eval.sampler, then eval.extra_samplers, as a run evaluates
+        metrics.update(evaluate(policy, prompts, cfg.eval, rewards, snapshot=snapshot, progress=True,
+                                timeout_s=cfg.reward.timeout_s, sampler=sampler, prefix=prefix)[0])
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.json:

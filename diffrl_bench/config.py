@@ -7,6 +7,7 @@ The `algo` section is validated against the chosen algorithm's own config datacl
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -161,6 +162,13 @@ class EvalConfig:
     """images per held-out prompt (fixed noise, so curves are paired across steps and runs)"""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     """the solver used for evaluation"""
+    extra_samplers: Dict[str, SamplerConfig] = field(default_factory=dict)
+    """more solvers to evaluate with, by name, e.g. `{euler: {name: euler}}`: each samples the same prompts from the
+    same noise after the main evaluation and logs under `eval_<name>/` (outside the budget, like every eval). An
+    arm trained through one solver family can then be read with it as well as with the common one (Flow-DPPO:
+    docs/reports.md, "Claims"); a report or claim names such a column in full (`eval_euler/toy_geneval...`).
+    Keys not given take the defaults above (dpm2, 10 steps, shift 1.0), not `eval.sampler`'s: write `num_steps`
+    and `shift` out (or `${eval.sampler.num_steps}`) where the main evaluation uses others"""
     rewards: List[str] = field(default_factory=lambda: ["toy_geneval", "toy_naturalness", "toy_no_extra_objects"])
     """rewards scored at eval: the training reward and held-out ones (a gap exposes reward hacking)"""
     batch_size: int = 256
@@ -275,6 +283,9 @@ def load_config(name_or_path: Optional[str] = None, overrides: Sequence[str] = (
     return merged
 
 
+_SAMPLER_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks beyond types: choices, ranges, and the algorithm's own options."""
     from diffrl_bench.registry import ALGORITHMS, MODELS, REWARDS, SAMPLERS
@@ -302,7 +313,12 @@ def validate(cfg: DictConfig) -> None:
         check_run_name(cfg.name)
     need(available(ALGORITHMS, cfg.algorithm, "algorithm"), "algorithm", f"unknown algorithm {cfg.algorithm!r}; known: {ALGORITHMS.names()}")
     need(available(MODELS, cfg.model.backend, "model.backend"), "model.backend", f"unknown model backend {cfg.model.backend!r}; known: {MODELS.names()}")
-    for key in ("rollout.sampler", "eval.sampler"):
+    for name in cfg.eval.extra_samplers:
+        # The name becomes a metric namespace (`eval_<name>/...`) and a grid file name.
+        need(bool(_SAMPLER_NAME.match(str(name))), f"eval.extra_samplers.{name}",
+             "name it with letters, digits and underscores only (it becomes the metric prefix eval_<name>/)")
+    sampler_keys = ("rollout.sampler", "eval.sampler", *(f"eval.extra_samplers.{n}" for n in cfg.eval.extra_samplers))
+    for key in sampler_keys:
         sampler = OmegaConf.select(cfg, key)
         need(available(SAMPLERS, sampler.name, f"{key}.name"), f"{key}.name", f"unknown sampler {sampler.name!r}; known: {SAMPLERS.names()}")
         need(sampler.num_steps >= 1, f"{key}.num_steps", "must be at least 1")
@@ -369,7 +385,7 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.advantage.clip == 5.0, "advantage.clip",
          f"{cfg.advantage.clip} would be ignored: the harness does not clip advantages; set the algorithm's own "
          f"clip option instead (e.g. algo.adv_clip_max; `diffrl-bench list` and README list them)")
-    for key in ("rollout.sampler", "eval.sampler"):
+    for key in sampler_keys:
         sampler = OmegaConf.select(cfg, key)
         window = sampler.options.get("window_size", 0) if "window_size" in sampler.options else 0
         need(not isinstance(window, int) or window <= sampler.num_steps, f"{key}.options.window_size",

@@ -73,9 +73,23 @@ def eval_snapshot(eval_cfg) -> str:
     return EVAL_EMA if eval_cfg.ema_decay > 0 else THETA
 
 
+EVAL_PREFIX = "eval"
+"""metrics of the evaluation with `eval.sampler`: `eval/<reward>...` (the headline and every report read these)"""
+
+
+def eval_samplers(eval_cfg) -> List[Tuple[str, object]]:
+    """(metric prefix, sampler config) of each evaluation a run makes: `eval.sampler` under `eval/`, then each of
+    `eval.extra_samplers` under `eval_<name>/`, in the config's order."""
+    extra = getattr(eval_cfg, "extra_samplers", None) or {}
+    return [(EVAL_PREFIX, eval_cfg.sampler)] + [(f"{EVAL_PREFIX}_{name}", cfg) for name, cfg in extra.items()]
+
+
 def evaluate(policy, prompts: List[Prompt], eval_cfg, rewards: Dict[str, object], *, snapshot: str = THETA,
-             progress: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S) -> Tuple[Dict[str, float], torch.Tensor, int]:
-    """Returns (metrics under `eval/`, images ordered prompt-major, NFEs used), sampled with `snapshot`.
+             progress: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S, sampler=None,
+             prefix: str = EVAL_PREFIX) -> Tuple[Dict[str, float], torch.Tensor, int]:
+    """Returns (metrics under `<prefix>/`, images ordered prompt-major, NFEs used), sampled with `snapshot` and
+    `sampler` (default `eval.sampler`). Every sampler starts from the same noise, so two samplers' scores are
+    paired image by image.
 
     Each reward's scoring call is bounded by `timeout_s` (reward.timeout_s) like training's: a hung reward
     server stops the evaluation naming the reward."""
@@ -83,15 +97,16 @@ def evaluate(policy, prompts: List[Prompt], eval_cfg, rewards: Dict[str, object]
     texts = [p.text for p in prompts for _ in range(k)]
     metadata = [p.metadata for p in prompts for _ in range(k)]
     noise = eval_noise(len(texts), policy.latent_shape, eval_cfg.seed)
-    images, nfe = generate(policy, texts, noise, eval_cfg.sampler, snapshot=snapshot,
-                           batch_size=eval_cfg.batch_size, progress=progress, seed=eval_cfg.seed + 1)
+    images, nfe = generate(policy, texts, noise, sampler if sampler is not None else eval_cfg.sampler,
+                           snapshot=snapshot, batch_size=eval_cfg.batch_size, progress=progress,
+                           seed=eval_cfg.seed + 1)
     scores: Dict[str, torch.Tensor] = {}
     for name, reward in rewards.items():
         scores.update(call_reward_within(timeout_s, name, reward, images, texts, metadata))
-    return summarize(scores, metadata), images, nfe
+    return summarize(scores, metadata, prefix), images, nfe
 
 
-def summarize(scores: Dict[str, torch.Tensor], metadata: List[dict]) -> Dict[str, float]:
+def summarize(scores: Dict[str, torch.Tensor], metadata: List[dict], prefix: str = EVAL_PREFIX) -> Dict[str, float]:
     metrics: Dict[str, float] = {}
     tags = [m.get("tag") for m in metadata]
     by_tag: Dict[str, List[int]] = defaultdict(list)
@@ -100,11 +115,11 @@ def summarize(scores: Dict[str, torch.Tensor], metadata: List[dict]) -> Dict[str
             by_tag[tag].append(i)
     for key, values in scores.items():
         values = values.double()
-        metrics[f"eval/{key}"] = values.mean().item()
+        metrics[f"{prefix}/{key}"] = values.mean().item()
         if by_tag:
             per_tag = {tag: values[idx].mean().item() for tag, idx in by_tag.items()}
             for tag, value in per_tag.items():
-                metrics[f"eval/{key}@{tag}"] = value
-            metrics[f"eval/{key}.task_mean"] = sum(per_tag.values()) / len(per_tag)
-    metrics["eval/images"] = len(metadata)
+                metrics[f"{prefix}/{key}@{tag}"] = value
+            metrics[f"{prefix}/{key}.task_mean"] = sum(per_tag.values()) / len(per_tag)
+    metrics[f"{prefix}/images"] = len(metadata)
     return metrics

@@ -23,8 +23,8 @@ worker running `train` does not wait on itself)"""
 RESUME_MAY_CHANGE = (
     "name", "output_dir",
     "train.steps", "train.budget_gpu_hours", "train.budget_nfe", "train.budget_flops", "train.threads",
-    "eval.every", "eval.images_per_prompt", "eval.sampler", "eval.rewards", "eval.batch_size", "eval.grid_prompts",
-    "eval.seed",
+    "eval.every", "eval.images_per_prompt", "eval.sampler", "eval.extra_samplers", "eval.rewards", "eval.batch_size",
+    "eval.grid_prompts", "eval.seed",
     "checkpoint.every", "checkpoint.keep_last", "checkpoint.resume",
     "reward.worker", "reward.timeout_s",
     "tracker", "log",

@@ -26,7 +26,8 @@ from diffrl_bench.config import accepts_argument, algo_config, resolve_sampler_o
 from diffrl_bench.distributed import Processes, make_accelerator, make_generators
 from diffrl_bench.ds_checkpoint import load_engine_state, save_engine_state, whole_state_dict
 from diffrl_bench.eval_ema import OPTIMIZER_STEP, RL_STEP, eval_ema_decays
-from diffrl_bench.evaluate import EVAL_EMA, build_eval_rewards, eval_snapshot, evaluate
+from diffrl_bench.evaluate import (EVAL_EMA, EVAL_PREFIX, build_eval_rewards, eval_samplers, eval_snapshot,
+                                  evaluate)
 from diffrl_bench.flops import BACKWARD_FACTOR, FlopMeter
 from diffrl_bench.headline import frame_has, headline_column, metric_column
 from diffrl_bench.ledger import CostLedger
@@ -431,26 +432,40 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- eval, save, run
     def run_eval(self, tag: str) -> Dict[str, float]:
-        with self.ledger.phase("eval"):
-            metrics, images, nfe = evaluate(self.policy, self.eval_prompts, self.cfg.eval, self.eval_rewards,
-                                            snapshot=eval_snapshot(self.cfg.eval), progress=self.progress,
-                                            timeout_s=self.cfg.reward.timeout_s)
-        self.ledger.add_nfe("eval", nfe)
-        self.ledger.add_flops("eval", self._eval_flops(nfe, images.shape[0]))
+        metrics: Dict[str, float] = {}
+        grids = []
+        for prefix, sampler in eval_samplers(self.cfg.eval):
+            with self.ledger.phase("eval"):
+                scores, images, nfe = evaluate(self.policy, self.eval_prompts, self.cfg.eval, self.eval_rewards,
+                                               snapshot=eval_snapshot(self.cfg.eval), progress=self.progress,
+                                               timeout_s=self.cfg.reward.timeout_s, sampler=sampler, prefix=prefix)
+            self.ledger.add_nfe("eval", nfe)
+            self.ledger.add_flops("eval", self._eval_flops(nfe, images.shape[0]))
+            metrics.update(scores)
+            # grid_<tag>.png for eval.sampler (what the README and report show), grid_<tag>_<name>.png for the others.
+            name = f"grid_{tag}" if prefix == EVAL_PREFIX else f"grid_{tag}_{prefix.removeprefix(EVAL_PREFIX + '_')}"
+            self._save_grid(images, name, sampler.name)
+            grids.append((prefix, name))
+        row = {"step": self.step, **metrics, **self.ledger.columns()}
+        self.metrics.append(row)
+        self.trackers.log(row, self.step)
+        for prefix, name in grids:
+            self.trackers.log_images(f"{prefix}/{name}", self.out / f"{name}.png", self.step)
+        headline = self.headline_key(lambda column: column in metrics)
+        log.info("eval at step %d: %s = %.4f", self.step, headline, metrics.get(headline, float("nan")))
+        return row
+
+    def _save_grid(self, images: torch.Tensor, name: str, sampler: str) -> None:
         n = min(self.cfg.eval.grid_prompts, len(self.eval_prompts))
         k = self.cfg.eval.images_per_prompt
         shown = min(GRID_IMAGES_PER_PROMPT, k)
         picks = torch.cat([images[i * k:i * k + shown] for i in range(n)])
         if self.accelerator.is_main_process:
-            save_image_grid(picks, [p.text for p in self.eval_prompts[:n]], self.out / f"grid_{tag}.png",
-                            per_prompt=shown, title=f"{self.cfg.name}: {tag} (step {self.step})")
-        row = {"step": self.step, **metrics, **self.ledger.columns()}
-        self.metrics.append(row)
-        self.trackers.log(row, self.step)
-        self.trackers.log_images(f"eval/grid_{tag}", self.out / f"grid_{tag}.png", self.step)
-        headline = self.headline_key(lambda column: column in metrics)
-        log.info("eval at step %d: %s = %.4f", self.step, headline, metrics.get(headline, float("nan")))
-        return row
+            title = name.removeprefix("grid_")
+            if len(eval_samplers(self.cfg.eval)) > 1:
+                title += f", {sampler}"
+            save_image_grid(picks, [p.text for p in self.eval_prompts[:n]], self.out / f"{name}.png",
+                            per_prompt=shown, title=f"{self.cfg.name}: {title} (step {self.step})")
 
     def _eval_flops(self, nfe: int, images: int) -> int:
         """FLOPs of an evaluation's `nfe` velocity calls and `images` decodes; prompts encode to one shape."""

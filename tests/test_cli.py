@@ -53,7 +53,9 @@ def test_eval_of_a_run_directory_scores_its_trained_weights_as_the_run_did(tiny_
     import json
 
     run = tmp_path / "run"
-    overrides = tiny_run("train.steps=2", "eval.every=1", "checkpoint.every=1", "optim.lr=1e-2", out=run)
+    # test_brightness: a score that moves on the tiny random model's images, where the toy detector scores 0.
+    overrides = tiny_run("train.steps=2", "eval.every=1", "checkpoint.every=1", "optim.lr=1e-2",
+                         "eval.rewards=[toy_geneval, toy_naturalness, test_brightness]", out=run)
     assert main(["train", "toy_nft", "--no-progress", *overrides]) == 0
     evals = {row["step"]: {k: v for k, v in row.items() if k.startswith("eval/")}
              for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval/images" in row}
@@ -65,6 +67,15 @@ def test_eval_of_a_run_directory_scores_its_trained_weights_as_the_run_did(tiny_
         printed = json.loads(capsys.readouterr().out)
         assert printed == json.loads((tmp_path / f"eval{step}.json").read_text())
         assert printed == evals[step]
+    # A checkpoint re-read with a second solver (eval.extra_samplers, as the Flow-DPPO diagnosis needs): the run's
+    # own scores again under eval/, and under eval_euler/ what evaluating with Euler alone gives under eval/.
+    assert main(["eval", str(run), "eval.extra_samplers.euler={name: euler, num_steps: 3}"]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(run), "eval.sampler.name=euler"]) == 0
+    euler = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in both.items() if k.startswith("eval/")} == evals[2]
+    assert {k.replace("eval_euler/", "eval/"): v for k, v in both.items() if k.startswith("eval_euler/")} == euler
+    assert euler != evals[2]
 
 
 def test_eval_of_a_run_directory_without_checkpoints_says_so(tiny_run, tmp_path):

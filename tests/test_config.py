@@ -43,6 +43,11 @@ def test_unknown_keys_and_wrong_types_name_the_key_path(override, key):
     ("eval.ema_updates_per_event=0", "eval.ema_updates_per_event", "at least 1"),
     ("rollout.sampler.grid=karras", "rollout.sampler.grid", "unknown sigma grid"),
     ("rollout.sampler.options={model_time: round}", "rollout.sampler.options.model_time", "unknown model_time"),
+    # A second evaluation solver is checked like eval.sampler, and its name must be usable as a metric prefix.
+    ("eval.extra_samplers.heun.name=heun", "eval.extra_samplers.heun.name", "unknown sampler"),
+    ("eval.extra_samplers.sde={name: euler, options: {noise_level: 0.7}}", "eval.extra_samplers.sde.options.noise_level",
+     "has no option"),
+    ("eval.extra_samplers={a/b: {name: euler}}", "eval.extra_samplers.a/b", "letters, digits and underscores"),
 ])
 def test_bad_values_are_rejected_with_the_key(override, key, words):
     with pytest.raises(ConfigError) as info:

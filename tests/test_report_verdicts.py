@@ -312,6 +312,35 @@ def test_a_heldout_gain_with_a_lower_reward_is_inconclusive(tmp_path):
     assert "reward (arm - baseline)" in text and "**inconclusive**" in text
 
 
+def test_a_claim_can_be_judged_on_a_second_evaluation_samplers_columns(tmp_path):
+    """Runs with `eval.extra_samplers.euler` carry `eval_euler/...` beside `eval/...`; a claim naming those columns
+    in full is judged on them. Here the two samplers disagree (DPM2: the arm hacks 0.3 less; Euler: 0.2 more), so
+    each verdict can only come from its own column."""
+    make_results(tmp_path / "r", heldout=(0.9, 0.6))
+    for path in (tmp_path / "r").glob("*/seed*/metrics.csv"):
+        frame = pd.read_csv(path)
+        arm_side = path.parent.parent.name == "nft"
+        frame["eval_euler/toy_no_extra_objects"] = (0.5 if arm_side else 0.7) + frame[HELDOUT] - frame[HELDOUT].round(1)
+        frame["eval_euler/toy_geneval.strict.task_mean"] = frame[HEADLINE]
+        frame.to_csv(path, index=False)
+    runs = load_runs(tmp_path / "r")
+
+    def held(name, metric, heldout):
+        return parse_claim({"claim": "nft hacks less", "source": "x", "kind": "heldout", "arm": "nft",
+                            "baseline": "flow_grpo", "metric": {"paper": "GenEval", "benchmark": metric},
+                            "heldout": {"metric": heldout}, "provenance": {"baseline": "unknown"}},
+                           tmp_path / f"{name}.yaml")
+
+    claims = [held("dpm2", "headline", "toy_no_extra_objects"),
+              held("euler", "eval_euler/toy_geneval.strict.task_mean", "eval_euler/toy_no_extra_objects")]
+    rows = V.evaluate_claims(runs, HEADLINE, claims, n_boot=100).table.set_index("claim")
+    assert rows.loc["dpm2", "heldout_metric"] == HELDOUT and rows.loc["dpm2", "metric"] == HEADLINE
+    assert rows.loc["dpm2", "difference"] == pytest.approx(0.3) and rows.loc["dpm2", "verdict"] == V.SUPPORTED
+    assert rows.loc["euler", "heldout_metric"] == "eval_euler/toy_no_extra_objects"
+    assert rows.loc["euler", "metric"] == "eval_euler/toy_geneval.strict.task_mean"
+    assert rows.loc["euler", "difference"] == pytest.approx(-0.2) and rows.loc["euler", "verdict"] == V.REVERSED
+
+
 def test_an_extended_baseline_is_judged_on_its_whole_runs_and_compared_at_the_common_budget(tmp_path):
     # flow_grpo is nft stretched 25x along the cost axis: within the common budget (nft's whole run) it is
     # censored; its extended runs (`extend:`) reach every threshold nft does, at 25x the cost.

@@ -41,6 +41,41 @@ def test_short_run_writes_the_results_folder_and_counts_costs(tiny_run, tmp_path
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000003"]
 
 
+def test_an_extra_eval_sampler_scores_what_a_run_evaluated_with_that_sampler_scores(tiny_run, tmp_path):
+    """`eval.extra_samplers` adds evaluations beside eval.sampler's without touching the run: a DPM2-evaluated run
+    with an extra Euler evaluation logs under `eval_euler/` exactly what a run evaluated with Euler alone logs under
+    `eval/` (same training, same eval noise), its own `eval/` columns equal a DPM2 run's without the extra, and the
+    extra NFEs count as evaluation only (the budget's `cost/nfe` is unchanged)."""
+    common = ("train.steps=2", "eval.every=1", "checkpoint.every=0", "optim.lr=1e-3",
+              "eval.rewards=[toy_geneval, test_brightness]")
+    both = tmp_path / "both"
+    euler = tmp_path / "euler"
+    dpm2 = tmp_path / "dpm2"
+    train(load_config("toy_nft", tiny_run(*common, "eval.sampler.name=dpm2",
+                                          "eval.extra_samplers.euler={name: euler, num_steps: 3}", out=both)),
+          progress=False)
+    train(load_config("toy_nft", tiny_run(*common, "eval.sampler.name=euler", out=euler)), progress=False)
+    train(load_config("toy_nft", tiny_run(*common, "eval.sampler.name=dpm2", out=dpm2)), progress=False)
+    frames = {name: pd.read_csv(tmp_path / name / "metrics.csv") for name in ("both", "euler", "dpm2")}
+    evals = {name: frame.dropna(subset=["eval/test_brightness"]).reset_index(drop=True)
+             for name, frame in frames.items()}
+    assert len(evals["both"]) == 3  # start, step 1, end
+    columns = [c for c in evals["euler"] if c.startswith("eval/")]
+    assert "eval/test_brightness" in columns and "eval/toy_geneval.strict.task_mean" in columns
+    for column in columns:
+        extra = "eval_euler/" + column.removeprefix("eval/")
+        assert evals["both"][extra].tolist() == evals["euler"][column].tolist(), column
+        assert evals["both"][column].tolist() == evals["dpm2"][column].tolist(), column
+    # The two solvers really differ on these images, so the equalities above are not trivially true.
+    assert evals["both"]["eval/test_brightness"].tolist() != evals["both"]["eval_euler/test_brightness"].tolist()
+    assert frames["both"]["reward/mean"].dropna().tolist() == frames["dpm2"]["reward/mean"].dropna().tolist()
+    assert frames["both"]["cost/nfe"].tolist() == frames["dpm2"]["cost/nfe"].tolist()
+    eval_nfe = {name: frame["cost/nfe_eval"].iloc[-1] for name, frame in frames.items()}
+    assert eval_nfe["both"] == eval_nfe["euler"] + eval_nfe["dpm2"] == 2 * 3 * 38 * 2 * 3
+    assert (both / "grid_end_euler.png").exists() and (both / "grid_end.png").exists()
+    assert not (dpm2 / "grid_end_euler.png").exists()
+
+
 def test_resumed_run_continues_the_same_curve(tiny_run, tmp_path):
     straight = tmp_path / "straight"
     resumed = tmp_path / "resumed"
