@@ -55,6 +55,32 @@ def test_the_reference_sweep_runs_every_arm_the_claims_name():
     assert kl.keys["grpo_guard"] is None and kl.keys["flow_dppo"] is None   # no KL penalty in either release
 
 
+def test_the_euler_check_reruns_the_flow_dppo_claim_as_claims_toy_ran_it():
+    """sweeps/claims_toy_euler_eval.yaml and sweeps/claims_euler/ change one thing against the claims sweep and
+    claim: a second, Euler, evaluation and the columns the claim reads. Same fairness otherwise, the learning rate
+    and KL weight claims_toy's tuning stage chose (its committed tune/chosen.json), the same budget and seeds."""
+    import json
+
+    from diffrl_bench.sweep import load_spec
+
+    main, check = load_spec(REPO / "sweeps" / "claims_toy.yaml"), load_spec(REPO / "sweeps" / "claims_toy_euler_eval.yaml")
+    extra = dict(check.fairness)
+    assert extra.pop("eval.extra_samplers") == {"euler": {"name": "euler", "num_steps": 10, "shift": 1.0}}
+    assert extra == main.fairness
+    assert check.budget == main.budget and check.seeds == main.seeds
+    chosen = json.loads((REPO / "results" / "reference" / "claims_toy" / "tune" / "chosen.json").read_text())["arms"]
+    claim = {c.name: c for c in load_claims([REPO / "sweeps" / "claims"])}["flow_dppo_forgetting"]
+    euler, = load_claims([REPO / "sweeps" / "claims_euler"])
+    assert {a.name for a in check.arms} == {claim.arm, claim.baseline}
+    for arm in check.arms:
+        assert arm.overrides == chosen[arm.name]["overrides"], arm.name
+        assert arm.config == next(a.config for a in main.arms if a.name == arm.name)
+    assert euler.metric_benchmark == "eval_euler/toy_geneval.strict.task_mean"
+    assert euler.heldout_metric == "eval_euler/toy_no_extra_objects.task_mean"
+    for key in ("claim", "source", "kind", "arm", "baseline", "higher_is_better", "provenance", "metric_paper"):
+        assert getattr(euler, key) == getattr(claim, key), key
+
+
 def test_fraction_derived_from_the_papers_numbers(tmp_path):
     claim = load_claim(write(tmp_path, GOOD))
     # (0.9 - 0.2) / (1.0 - 0.2) of the gain; on a benchmark with base 0.1 and best 0.5: 0.1 + 0.875 * 0.4.

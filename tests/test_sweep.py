@@ -565,3 +565,16 @@ def test_runs_are_grouped_for_trackers_by_sweep_arm_and_seed(tmp_path, tiny_mode
     assert identity_conflict(run) is None
     with pytest.raises(SweepError, match="log.group"):
         load_spec(make_spec(tmp_path, tiny_model_dir, common={"log.group": "mine"}, name="bad.yaml"))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_sweep_spec_loads_and_every_run_config_validates(path, tmp_path):
+    """A spec is checked before any run starts (every run's config loaded, fairness compared); a shipped spec that
+    fails it would fail its user only after the command is typed. One seed: the seeds differ in train.seed only."""
+    import dataclasses
+    import itertools
+
+    spec = load_spec(path)
+    spec = dataclasses.replace(spec, seeds=spec.seeds[:1], results_dir=tmp_path / spec.name)
+    configs = validate_runs(spec, expand(spec))
+    assert len(configs) == len(spec.arms) * len(list(itertools.product(*spec.grid.values())))
