@@ -434,7 +434,8 @@ class Trainer:
     def run_eval(self, tag: str) -> Dict[str, float]:
         metrics: Dict[str, float] = {}
         grids = []
-        for prefix, sampler in eval_samplers(self.cfg.eval):
+        evaluations = eval_samplers(self.cfg.eval)
+        for prefix, sampler in evaluations:
             with self.ledger.phase("eval"):
                 scores, images, nfe = evaluate(self.policy, self.eval_prompts, self.cfg.eval, self.eval_rewards,
                                                snapshot=eval_snapshot(self.cfg.eval), progress=self.progress,
@@ -443,8 +444,8 @@ class Trainer:
             self.ledger.add_flops("eval", self._eval_flops(nfe, images.shape[0]))
             metrics.update(scores)
             # grid_<tag>.png for eval.sampler (what the README and report show), grid_<tag>_<name>.png for the others.
-            name = f"grid_{tag}" if prefix == EVAL_PREFIX else f"grid_{tag}_{prefix.removeprefix(EVAL_PREFIX + '_')}"
-            self._save_grid(images, name, sampler.name)
+            name = f"grid_{tag}{prefix[len(EVAL_PREFIX):]}"
+            self._save_grid(images, name, sampler.name if len(evaluations) > 1 else None)
             grids.append((prefix, name))
         row = {"step": self.step, **metrics, **self.ledger.columns()}
         self.metrics.append(row)
@@ -455,15 +456,13 @@ class Trainer:
         log.info("eval at step %d: %s = %.4f", self.step, headline, metrics.get(headline, float("nan")))
         return row
 
-    def _save_grid(self, images: torch.Tensor, name: str, sampler: str) -> None:
+    def _save_grid(self, images: torch.Tensor, name: str, sampler: Optional[str]) -> None:
         n = min(self.cfg.eval.grid_prompts, len(self.eval_prompts))
         k = self.cfg.eval.images_per_prompt
         shown = min(GRID_IMAGES_PER_PROMPT, k)
         picks = torch.cat([images[i * k:i * k + shown] for i in range(n)])
         if self.accelerator.is_main_process:
-            title = name.removeprefix("grid_")
-            if len(eval_samplers(self.cfg.eval)) > 1:
-                title += f", {sampler}"
+            title = name.removeprefix("grid_") + (f", {sampler}" if sampler else "")
             save_image_grid(picks, [p.text for p in self.eval_prompts[:n]], self.out / f"{name}.png",
                             per_prompt=shown, title=f"{self.cfg.name}: {title} (step {self.step})")
 

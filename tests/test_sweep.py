@@ -1,5 +1,7 @@
 """The sweep runner: spec expansion and checks, fairness rule, dry run, idempotence, locks, executors, kill/resume."""
+import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -567,13 +569,11 @@ def test_runs_are_grouped_for_trackers_by_sweep_arm_and_seed(tmp_path, tiny_mode
         load_spec(make_spec(tmp_path, tiny_model_dir, common={"log.group": "mine"}, name="bad.yaml"))
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")),
+                         ids=lambda p: p.stem)
 def test_every_shipped_sweep_spec_loads_and_every_run_config_validates(path, tmp_path):
     """A spec is checked before any run starts (every run's config loaded, fairness compared); a shipped spec that
     fails it would fail its user only after the command is typed. One seed: the seeds differ in train.seed only."""
-    import dataclasses
-    import itertools
-
     spec = load_spec(path)
     spec = dataclasses.replace(spec, seeds=spec.seeds[:1], results_dir=tmp_path / spec.name)
     configs = validate_runs(spec, expand(spec))
