@@ -7,8 +7,10 @@ import logging
 import os
 import queue
 import threading
+import signal
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from diffrl_bench.sweep.job import RequeueableRun, RunJob, run_job
@@ -130,10 +132,47 @@ def _receive_sigint() -> None:
     """Stopping local jobs is SIGINT to each (submitit's `cancel`). A process started in the background by a script
     (`nohup diffrl-bench sweep ... &`) inherits SIGINT ignored, and so would the jobs it starts, which could then
     not be stopped: take SIGINT back (as Ctrl-C) before any job is started, so that they are born with it too."""
-    import signal
-
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _child_pids(pid: int) -> List[int]:
+    """The processes `pid` started, from /proc (empty where there is none: the caller falls back)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The parent pid is the 2nd field after the command name, which is in parentheses and may hold spaces.
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):  # the process ended while we looked
+            continue
+    return children
+
+
+def _stop_local_jobs(jobs: Sequence[Any]) -> None:
+    """SIGINT to each job's run process (the run stops as on Ctrl-C, its checkpoints kept): submitit's controller
+    of the job sees it end and exits normally. submitit's own `cancel` signals the controller instead, which
+    then prints a KeyboardInterrupt traceback into the sweep's log and SIGKILLs the run after a second; it
+    remains the fallback for a controller whose run cannot be found (no /proc) or outlives half the wait."""
+    for job in jobs:
+        children = _child_pids(int(job.job_id)) if not job.done() else []
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+        if not children and not job.done():
+            job.cancel(check=False)
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    half = time.monotonic() + CANCEL_WAIT_S / 2
+    cancelled = False
+    while any(not job.done() for job in jobs) and time.monotonic() < deadline:
+        if not cancelled and time.monotonic() > half:
+            for job in jobs:
+                if not job.done():
+                    job.cancel(check=False)
+            cancelled = True
+        time.sleep(0.1)
 
 
 def _execute_local(spec: Spec, runs: Sequence[SweepRun], progress: Progress) -> None:
@@ -182,15 +221,10 @@ def _execute_local(spec: Spec, runs: Sequence[SweepRun], progress: Progress) -> 
         for future in as_completed(futures):
             progress.finished(futures[future], future.result())
     except KeyboardInterrupt:
-        # Local job processes outlive this one unless told to stop: each gets SIGINT (the run stops as on Ctrl-C,
-        # its checkpoints kept; submitit follows with SIGKILL after a second), and the sweep returns once they
-        # are gone, so that nothing of it is left running.
+        # Local job processes outlive this one unless told to stop; the sweep returns once they are gone, so that
+        # nothing of it is left running.
         pool.shutdown(wait=False, cancel_futures=True)
-        for job in list(jobs):
-            job.cancel(check=False)
-        deadline = time.monotonic() + CANCEL_WAIT_S
-        while any(not job.done() for job in list(jobs)) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _stop_local_jobs(list(jobs))
         raise
     pool.shutdown()
 
