@@ -51,6 +51,26 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
 
 
+SHM_KERNEL = "deepspeed_shm_comm"
+"""DeepSpeed's CPU shared-memory all-reduce op, which it JIT-compiles when it starts a process group"""
+
+
+def skip_cpu_shm_kernel_build() -> None:
+    """Keep DeepSpeed's CPU backend from compiling its shared-memory all-reduce kernel (`deepspeed_shm_comm`).
+
+    DeepSpeed 0.19 builds that C++ op with the machine's compiler the first time a process group starts on a machine
+    (81 s on a 2-core Intel Xeon, once per fresh machine: every CI run, every new cloud box). Only its tensor-parallel
+    inference path (`inference_all_reduce`) ever calls it; ZeRO training reduces through torch.distributed. DeepSpeed
+    consults `deepspeed.ops.__compatible_ops__` before building and keeps that dict for the process, so marking the
+    op incompatible there skips the build, and `inference_all_reduce` falls back to torch.distributed as it does
+    where the op is missing."""
+    import deepspeed.ops
+
+    table = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(table, dict):  # another DeepSpeed release may keep it elsewhere: then it builds as before
+        table[SHM_KERNEL] = False
+
+
 def make_accelerator(train_cfg):
     """The accelerate `Accelerator` for `train.device` / `train.mixed_precision`, and whether DeepSpeed drives it."""
     from accelerate import Accelerator
@@ -65,6 +85,8 @@ def make_accelerator(train_cfg):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         # CPU processes talk over gloo; without it accelerate + DeepSpeed miscount the world (ENV_NOTES).
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    if deepspeed and not torch.cuda.is_available():
+        skip_cpu_shm_kernel_build()
     # `cpu=True` would silently drop DeepSpeed, so it is only set for plain CPU / DDP runs.
     accelerator = Accelerator(cpu=want_cpu and not deepspeed, mixed_precision=precision, kwargs_handlers=handlers)
     return accelerator, deepspeed

@@ -35,7 +35,8 @@ def _overrides(tiny_run, out):
 
 
 def _launch(tmp_path, launcher_args, overrides, config="toy_nft", timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Its own JIT cache, so a test sees what the run compiled (nothing: see the shared-memory kernel test).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}
     command = [sys.executable, "-m", "accelerate.commands.launch", *launcher_args, "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), str(WORKER), str(tmp_path), config, *overrides]
@@ -110,6 +111,8 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tiny_run, tiny
     for rank in ranks:
         assert torch.equal(rank["step_rewards0"], single.rewards)
         assert torch.equal(rank["step_brightness0"], single.reward_components["test_brightness"].double())
+    # DeepSpeed trained without compiling its CPU shared-memory all-reduce kernel (81 s on a fresh machine).
+    assert not (tmp_path / "torch_extensions" / "deepspeed_shm_comm").exists()
 
 
 def test_lora_snapshots_train_and_update_under_sharded_zero3(tiny_sd3, tmp_path):
@@ -141,7 +144,26 @@ def test_rft_keeps_processes_in_step_when_their_shares_differ(tiny_run, tmp_path
 
 from types import SimpleNamespace  # noqa: E402
 
-from diffrl_bench.distributed import PER_RANK_GENERATORS, Processes, make_generators  # noqa: E402
+from diffrl_bench.distributed import (PER_RANK_GENERATORS, SHM_KERNEL, Processes, make_generators,  # noqa: E402
+                                      skip_cpu_shm_kernel_build)
+
+
+def test_deepspeed_on_cpu_skips_building_its_shared_memory_kernel(monkeypatch, tmp_path):
+    """DeepSpeed would compile the kernel when its CPU backend starts a process group (`build_shm_op`); after the
+    skip it returns no op and compiles nothing, and the other ops keep their compatibility."""
+    import deepspeed.ops
+    from deepspeed.comm.torch import build_shm_op
+
+    table = deepspeed.ops.__compatible_ops__
+    if not table.get(SHM_KERNEL):
+        pytest.skip("DeepSpeed finds no compiler for the kernel here: nothing to skip")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setitem(table, SHM_KERNEL, True)  # restored after the test
+    others = {k: v for k, v in table.items() if k != SHM_KERNEL}
+    skip_cpu_shm_kernel_build()
+    assert build_shm_op() is None
+    assert not list(tmp_path.iterdir())
+    assert {k: v for k, v in table.items() if k != SHM_KERNEL} == others
 
 
 def test_shared_streams_are_equal_on_every_rank_and_per_rank_streams_differ():
