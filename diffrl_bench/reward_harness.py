@@ -228,7 +228,7 @@ class WeightedReward:
     """
 
     TOTAL = "reward"
-    _POLL_S = 0.5  # how often a waiting caller checks the running call's age; results arrive without delay
+    _POLL_S = 0.5  # how often a waiting caller checks the running call's age and Ctrl-C; results arrive at once
 
     def __init__(self, components: Dict[str, float], options: Dict[str, Dict[str, Any]] | None = None,
                  worker: str = "thread", timeout_s: float = DEFAULT_TIMEOUT_S):
@@ -284,7 +284,10 @@ class WeightedReward:
     def _wait(self, job: _Job) -> None:
         """Block until `job` is done, or raise once the call running on the worker is past the timeout."""
         while not job.future.done():
-            wait_futures([job.future], timeout=self._POLL_S if self.timeout_s else None)
+            # Always a bounded wait, also with no timeout set: Ctrl-C's SIGINT may land on the reward thread, and
+            # then only the main thread's next bytecode raises KeyboardInterrupt; an unbounded lock wait never
+            # returns to run it (seen: 1 hang in 6 tries with a reward that never answers).
+            wait_futures([job.future], timeout=self._POLL_S)
             running = self._current
             if (self.timeout_s is not None and running is not None and running.started is not None
                     and time.monotonic() - running.started > self.timeout_s and not job.future.done()):
