@@ -356,12 +356,13 @@ def test_a_call_past_the_timeout_inside_torch_does_not_abort_the_command(tmp_pat
 
 
 def test_closing_waits_for_the_running_call_and_ends_the_thread(monkeypatch):
-    release, finished = threading.Event(), threading.Event()
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
 
     class Slow:
         name = "slow_call"
 
         def __call__(self, images, prompts, metadata):
+            started.set()
             release.wait()
             finished.set()
             return {self.name: torch.zeros(images.shape[0])}
@@ -369,6 +370,8 @@ def test_closing_waits_for_the_running_call_and_ends_the_thread(monkeypatch):
     monkeypatch.setitem(REWARDS._items, "slow_call", lambda **kw: Slow())
     reward = WeightedReward({"slow_call": 1.0}, worker="thread", timeout_s=0)
     running, queued = reward.submit(*_batch()), reward.submit(*_batch())
+    # close() cancels what has not started: on a busy machine the worker may not have taken the first call yet.
+    assert started.wait(30)
     threading.Timer(0.3, release.set).start()
     reward.close(grace_s=30)
     assert finished.is_set() and not reward._thread.is_alive()
