@@ -72,15 +72,21 @@ class MetricsLog:
         return any(r.get("step") == step and any(k.startswith("eval/") for k in r) for r in self.rows())
 
     def set_aside(self) -> Path | None:
-        """Move an earlier attempt's rows to `metrics.jsonl.attemptN` (never deleted); returns where, if any."""
-        if not self.writable or not self.path.exists():
+        """Move an earlier attempt's rows to `metrics.jsonl.attemptN` and its table to `metrics.csv.attemptN` (never
+        deleted); returns where the rows went (or the table, when only a table was there), if anywhere.
+
+        The table goes too: it is what `report` reads, and left in place it would describe a trajectory the
+        restarted run no longer has (a finished run's table copied back without its rows or checkpoints, then
+        extended, restarts from step 0 on other float sums)."""
+        present = [path for path in (self.path, self.csv_path) if path.exists()]
+        if not self.writable or not present:
             return None
         n = 1
-        while self.path.with_name(f"{self.path.name}.attempt{n}").exists():
+        while any(path.with_name(f"{path.name}.attempt{n}").exists() for path in (self.path, self.csv_path)):
             n += 1
-        target = self.path.with_name(f"{self.path.name}.attempt{n}")
-        os.replace(self.path, target)
-        return target
+        for path in present:
+            os.replace(path, path.with_name(f"{path.name}.attempt{n}"))
+        return present[0].with_name(f"{present[0].name}.attempt{n}")
 
     def to_frame(self):
         import pandas as pd

@@ -501,7 +501,7 @@ class Trainer:
             # Rows of an attempt that died before its first checkpoint would be redone: keep them, but aside.
             moved = self.metrics.set_aside()
             if moved is not None:
-                log.info("no checkpoint to resume from; earlier rows moved to %s", moved)
+                log.info("no checkpoint to resume from; earlier metrics moved aside (%s)", moved)
             return
         state, snapshots = load_checkpoint(path, model=self.policy.core, optimizer=self.optimizer,
                                            generators=self.processes.own_generators(self.generators),

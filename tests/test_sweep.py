@@ -580,3 +580,39 @@ def test_every_shipped_sweep_spec_loads_and_every_run_config_validates(path, tmp
     spec = dataclasses.replace(spec, seeds=spec.seeds[:1], results_dir=tmp_path / spec.name)
     configs = validate_runs(spec, expand(spec))
     assert len(configs) == len(spec.arms) * len(list(itertools.product(*spec.grid.values())))
+
+
+def test_a_restarted_run_sets_its_old_table_aside_with_its_rows(tmp_path):
+    """`report` reads metrics.csv, so a run that starts over must not leave the old attempt's table in place: a
+    finished run's table copied back without rows or checkpoints would otherwise pass for the new run's."""
+    from diffrl_bench.runlog import MetricsLog
+
+    only_table = tmp_path / "copied_back"
+    only_table.mkdir()
+    (only_table / "metrics.csv").write_text("step,reward/mean\n1,0.9\n")
+    moved = MetricsLog(only_table).set_aside()
+    assert moved == only_table / "metrics.csv.attempt1"
+    assert not (only_table / "metrics.csv").exists() and moved.read_text() == "step,reward/mean\n1,0.9\n"
+
+    both = tmp_path / "killed_twice"
+    both.mkdir()
+    (both / "metrics.jsonl.attempt1").write_text('{"step": 1}\n')  # an earlier restart's rows
+    (both / "metrics.jsonl").write_text('{"step": 2}\n')
+    (both / "metrics.csv").write_text("step\n2\n")
+    assert MetricsLog(both).set_aside() == both / "metrics.jsonl.attempt2"
+    # The rows and the table of one attempt keep one number, and nothing earlier is overwritten.
+    assert (both / "metrics.csv.attempt2").read_text() == "step\n2\n"
+    assert (both / "metrics.jsonl.attempt1").read_text() == '{"step": 1}\n'
+    assert not (both / "metrics.jsonl").exists() and not (both / "metrics.csv").exists()
+    assert MetricsLog(tmp_path / "empty_dir_that_does_not_exist").set_aside() is None
+
+
+def test_a_copied_back_finished_run_that_starts_over_keeps_its_old_table_aside(tmp_path, tiny_model_dir):
+    path = make_spec(tmp_path, tiny_model_dir, arms={"a": {"config": "toy_nft"}})
+    run_dir = tmp_path / "results" / "runs" / "a" / "seed0"
+    run_dir.mkdir(parents=True)
+    stale = "step,reward/mean\n1,0.9\n7,0.95\n"
+    (run_dir / "metrics.csv").write_text(stale)
+    assert main([str(path), "--no-progress"]) == 0
+    assert (run_dir / "metrics.csv.attempt1").read_text() == stale
+    assert list(pd.read_csv(run_dir / "metrics.csv")["step"]) == [1, 2]

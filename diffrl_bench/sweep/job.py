@@ -94,7 +94,7 @@ def _set_aside_unresumable_metrics(out: Path) -> None:
         return
     moved = MetricsLog(out).set_aside()
     if moved is not None:
-        log.warning("%s: no checkpoint to resume from; the earlier attempt's rows moved to %s", out, moved.name)
+        log.warning("%s: no checkpoint to resume from; the earlier attempt's metrics moved aside (%s)", out, moved.name)
 
 
 def run_job(job: RunJob) -> Dict[str, Any]:
