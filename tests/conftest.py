@@ -1,4 +1,11 @@
 import os
+import signal
+
+# A suite started in the background by a script (`cmd &`, `nohup`) inherits SIGINT ignored, and so would every
+# process a test starts, so the tests that send Ctrl-C to one would time out instead of testing it. Take SIGINT back
+# (xdist's workers run this too); processes started from here are then born with the default Ctrl-C.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Small CPU ops under thread contention run far slower with 2 intra-op threads (ENV_NOTES); tests use one.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
