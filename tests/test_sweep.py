@@ -309,15 +309,20 @@ def test_a_failed_run_is_recorded_and_retried(tmp_path, tiny_model_dir, monkeypa
     assert (run_dir / "FAILED.previous").exists()
 
 
-def test_a_run_killed_before_its_first_checkpoint_starts_over_with_a_clean_table(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("left, stale", [
+    ("metrics.jsonl", '{"step": 1, "reward/mean": 0.5}\n'),  # a run killed before its first checkpoint
+    ("metrics.csv", "step,reward/mean\n1,0.9\n7,0.95\n"),  # a finished run copied back without rows or checkpoints
+], ids=["rows", "table_only"])
+def test_a_run_that_starts_over_keeps_the_earlier_attempt_aside_with_a_clean_table(tmp_path, tiny_model_dir, left,
+                                                                                   stale):
     path = make_spec(tmp_path, tiny_model_dir, arms={"a": {"config": "toy_nft"}})
     run_dir = tmp_path / "results" / "runs" / "a" / "seed0"
     run_dir.mkdir(parents=True)
-    stale = '{"step": 1, "reward/mean": 0.5}\n'
-    (run_dir / "metrics.jsonl").write_text(stale)
+    (run_dir / left).write_text(stale)
     assert main([str(path), "--no-progress"]) == 0
     assert [r["step"] for r in rows(run_dir)] == [1, 2]
-    assert (run_dir / "metrics.jsonl.attempt1").read_text() == stale  # kept, out of the way
+    assert list(pd.read_csv(run_dir / "metrics.csv")["step"]) == [1, 2]
+    assert (run_dir / f"{left}.attempt1").read_text() == stale  # kept, out of the way
 
 
 def test_submitit_local_executor_runs_a_run_to_done(tmp_path, tiny_model_dir):
@@ -605,14 +610,3 @@ def test_a_restarted_run_sets_its_old_table_aside_with_its_rows(tmp_path):
     assert (both / "metrics.jsonl.attempt1").read_text() == '{"step": 1}\n'
     assert not (both / "metrics.jsonl").exists() and not (both / "metrics.csv").exists()
     assert MetricsLog(tmp_path / "empty_dir_that_does_not_exist").set_aside() is None
-
-
-def test_a_copied_back_finished_run_that_starts_over_keeps_its_old_table_aside(tmp_path, tiny_model_dir):
-    path = make_spec(tmp_path, tiny_model_dir, arms={"a": {"config": "toy_nft"}})
-    run_dir = tmp_path / "results" / "runs" / "a" / "seed0"
-    run_dir.mkdir(parents=True)
-    stale = "step,reward/mean\n1,0.9\n7,0.95\n"
-    (run_dir / "metrics.csv").write_text(stale)
-    assert main([str(path), "--no-progress"]) == 0
-    assert (run_dir / "metrics.csv.attempt1").read_text() == stale
-    assert list(pd.read_csv(run_dir / "metrics.csv")["step"]) == [1, 2]
