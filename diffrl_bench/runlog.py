@@ -78,11 +78,12 @@ class MetricsLog:
         The table goes too: it is what `report` reads, and left in place it would describe a trajectory the
         restarted run no longer has (a finished run's table copied back without its rows or checkpoints, then
         extended, restarts from step 0 on other float sums)."""
-        present = [path for path in (self.path, self.csv_path) if path.exists()]
+        files = (self.path, self.csv_path)
+        present = [path for path in files if path.exists()]
         if not self.writable or not present:
             return None
         n = 1
-        while any(path.with_name(f"{path.name}.attempt{n}").exists() for path in (self.path, self.csv_path)):
+        while any(path.with_name(f"{path.name}.attempt{n}").exists() for path in files):
             n += 1
         for path in present:
             os.replace(path, path.with_name(f"{path.name}.attempt{n}"))
