@@ -105,6 +105,36 @@ def test_censored_arm_gives_an_upper_bound():
     assert far.ci_high > 25 and V.classify(far.ci_low, far.ci_high, 25.0, far.bound)[0] == V.INCONCLUSIVE
 
 
+def test_the_cost_a_censored_baseline_needs_for_the_claim_is_the_binomial_tipping_point():
+    """Arm seeds all cost 1, four baseline seeds 10, one censored at 10. A resample holding the censored seed k
+    times has ratio (10 (5 - k) + k C) / 5; P(k >= 3) = 5.8% and P(k >= 4) = 0.7%, so the 97.5% point of the ratio
+    is a k = 3 resample's, (20 + 3C) / 5, which is 25 at C = 35: 3.5x the budget."""
+    base = V.SeedCosts([10.0, 10.0, 10.0, 10.0, np.nan], [10.0] * 5)
+    arm = costs([1.0] * 5)
+    for seed in range(3):
+        needs = V.censored_cost_for_claim(base, arm, 25.0, lambda: np.random.default_rng(seed))
+        assert needs == pytest.approx(35.0, rel=2e-3)
+    # A claim already inside the interval at the budget (k = 3 gives 10 >= 8) needs nothing more.
+    assert V.censored_cost_for_claim(base, arm, 8.0, lambda: np.random.default_rng(0)) == 10.0
+    # Only a censored baseline against a fully reached arm has such a cost.
+    assert math.isnan(V.censored_cost_for_claim(costs([10.0] * 5), arm, 25.0, lambda: np.random.default_rng(0)))
+    censored_arm = V.SeedCosts([1.0, 1.0, 1.0, 1.0, np.nan], [1.0] * 5)
+    assert math.isnan(V.censored_cost_for_claim(base, censored_arm, 25.0, lambda: np.random.default_rng(0)))
+
+
+def test_a_censored_seed_arriving_past_the_tipping_cost_puts_the_claim_inside_and_before_it_does_not():
+    """The tipping cost agrees with the verdict the same resamples would give had the seeds arrived there."""
+    limits = np.array([30.0, 30.0, 30.0, 30.0, 24.0, 30.0])
+    observed = np.array([10.0, 14.0, 12.0, 17.0, np.nan, np.nan])
+    arm = costs([1.5, 2.0, 1.2, 2.5, 1.8])
+    needs = V.censored_cost_for_claim(V.SeedCosts(observed, limits), arm, 25.0, lambda: np.random.default_rng(11))
+    assert needs > limits.max()
+    for factor, expected in ((1.01, V.SUPPORTED), (0.99, V.SMALLER)):
+        arrived = np.where(np.isnan(observed), needs * factor, observed)
+        result = V.censored_speedup(costs(arrived), arm, rng=np.random.default_rng(11))
+        assert V.classify(result.ci_low, result.ci_high, 25.0, result.bound)[0] == expected
+
+
 @pytest.mark.parametrize("base, arm, why", [
     (V.SeedCosts([np.nan] * 5, [9.0] * 5), V.SeedCosts([np.nan] * 5, [9.0] * 5), "neither"),
     (costs([1.0, 2.0]), costs([1.0, 2.0]), "too few"),
@@ -229,6 +259,11 @@ def test_run_folders_censored_baseline_curve_switches_to_lower_bound(tmp_path):
     assert row["bound"] == V.LOWER and row["k_base"] == 0 and row["k_arm"] == 5
     assert row["ci_low"] < 25 and row["verdict"] == V.INCONCLUSIVE and math.isinf(row["ci_high"])
     assert "at least" in result.sentences[0]
+    # The true costs are 25x the arm's, beyond the budget; had the seeds arrived at their budget (18.75x each
+    # seed's arm, the scales 0.8-1.2 crossed in the resamples) 25x would already be inside the interval.
+    assert row["claim_needs_budgets"] == 1 and row["claim_needs_cost"] == pytest.approx(2.4 * TAU * 1.2 * 25)
+    assert "is inside the interval even if flow_grpo's censored seeds reached the threshold at their budget" in \
+        result.sentences[0]
     curve = result.curves[row["claim"]]
     reach = score(2.4, 1.0)
     assert (curve.loc[curve["threshold"] <= reach - 1e-9, "bound"] == V.ESTIMATE).all()

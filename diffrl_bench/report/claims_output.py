@@ -64,7 +64,7 @@ CURVE_PANEL = (5.0, 3.4)  # inches per panel of the threshold-curve figure
 CSV_COLUMNS = ("claim", "kind", "arm", "baseline", "metric", "cost", "threshold", "threshold_fraction", "base_score",
                "best_final", "claimed_speedup", "speedup", "ci_low", "ci_high", "bound", "censored", "n_arm", "k_arm",
                "n_base", "k_base", "min_detectable_speedup", "heldout_metric", "difference", "reward_difference",
-               "reward_ci_low", "reward_ci_high", "verdict", "reason")
+               "reward_ci_low", "reward_ci_high", "claim_needs_cost", "claim_needs_budgets", "verdict", "reason")
 
 
 def claims_markdown(result: ClaimsResult, figure: Optional[str] = None) -> str:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -140,6 +140,44 @@ def censored_speedup(base: SeedCosts, arm: SeedCosts, n_boot: int = 2000, level:
     if censored == "arm":
         return out(ratio, 0.0, hi, UPPER)
     return out(ratio, lo, hi, ESTIMATE)
+
+
+def censored_cost_for_claim(base: SeedCosts, arm: SeedCosts, claimed: float, make_rng: Callable[[], object],
+                            n_boot: int = 2000, level: float = 0.95, rel_tol: float = 1e-3) -> float:
+    """How far a censored baseline would have to go for a claimed speedup to enter the interval (a tipping point).
+
+    A lower bound below the claim is inconclusive: the claim might hold if the censored seeds need far more than
+    their budget. This is the smallest cost C such that, had every censored baseline seed reached the threshold
+    at C (and no sooner than its own budget), the claimed speedup would lie inside the bootstrap interval (its
+    upper end reaches the claim). Below C the same seeds would give an interval wholly under the claim. The reader
+    weighs C against the censored seeds' curves (how close they came by their budget).
+
+    `make_rng()` must return the same stream each call (the verdict's own): with the same resamples every bootstrap
+    ratio, and so the interval's upper end, rises with C, so C is found by bisection. NaN unless the baseline
+    alone is censored and the arm fully reached; the budget itself when the claim is already inside there.
+    """
+    if base.k == base.n or arm.k < arm.n or min(base.n, arm.n) < 2 or not claimed > 0:
+        return float("nan")
+    arm_costs = arm.restricted()
+    floor = float(base.limit[~base.reached].max())
+
+    def upper_end(c: float) -> float:
+        costs = np.where(base.reached, base.cost, np.maximum(base.limit, c))
+        return speedup_ci(costs, arm_costs, n_boot, level, make_rng())[2]
+
+    if not floor > 0:
+        return float("nan")
+    if upper_end(floor) >= claimed:
+        return floor
+    low, high = floor, 2.0 * floor
+    while upper_end(high) < claimed:
+        low, high = high, 2.0 * high
+        if high > floor * 2.0 ** 60:  # a claim no arrival could reach (not met with a bootstrap of any size)
+            return math.inf
+    while high / low > 1.0 + rel_tol:
+        mid = math.sqrt(low * high)
+        low, high = (low, mid) if upper_end(mid) >= claimed else (mid, high)
+    return high
 
 
 def classify(lo: float, hi: float, claimed: float, bound: str = ESTIMATE) -> Tuple[str, str]:
@@ -389,7 +427,21 @@ def claim_sentence(row: dict) -> str:
             f"{row['threshold']:.3g} ({row['threshold_fraction']:.0%} of the way from the base's "
             f"{row['base_score']:.3g} to the best final {row['best_final']:.3g}) {row['arm']} is "
             f"{speedup_phrase(row, ' than ' + row['baseline'])} ({row['k_arm']}/{row['n_arm']} vs "
-            f"{row['k_base']}/{row['n_base']} seeds reached; {row['reason']}){resolution}.")
+            f"{row['k_base']}/{row['n_base']} seeds reached; {row['reason']}){resolution}{tipping_phrase(row)}.")
+
+
+def tipping_phrase(row: dict) -> str:
+    """'; the claimed 25x enters the interval only if ...' for an inconclusive lower bound, else ''."""
+    needs = float(row.get("claim_needs_cost", float("nan")))
+    if math.isnan(needs):
+        return ""
+    if math.isinf(needs):
+        return f"; no arrival of its censored seeds would bring the claimed {row['claimed_speedup']:g}x inside"
+    if row["claim_needs_budgets"] <= 1.0:
+        return (f"; the claimed {row['claimed_speedup']:g}x is inside the interval even if {row['baseline']}'s "
+                f"censored seeds reached the threshold at their budget")
+    return (f"; the claimed {row['claimed_speedup']:g}x enters the interval only if {row['baseline']}'s censored "
+            f"seeds need {needs:.3g} {row['cost']} or more, {row['claim_needs_budgets']:.2g}x their budget")
 
 
 def evaluate_claims(runs: Sequence, headline: str, claims: Sequence[Claim], *, n_boot: int = 2000,
@@ -425,7 +477,8 @@ def evaluate_claims(runs: Sequence, headline: str, claims: Sequence[Claim], *, n
                "ci_low": float("nan"), "ci_high": float("nan"), "bound": NO_BOUND, "censored": "",
                "n_arm": 0, "k_arm": 0, "n_base": 0, "k_base": 0, "min_detectable_speedup": float("nan"),
                "heldout_metric": claim.heldout_metric or "", "difference": float("nan"),
-               "reward_difference": float("nan"), "reward_ci_low": float("nan"), "reward_ci_high": float("nan")}
+               "reward_difference": float("nan"), "reward_ci_low": float("nan"), "reward_ci_high": float("nan"),
+               "claim_needs_cost": float("nan"), "claim_needs_budgets": float("nan")}
         if claim.kind == "speedup":
             threshold = claim.threshold.at_scale(base, best)
             fraction = (claim.threshold.fraction if claim.threshold.rule == "fraction_of_gain"
@@ -469,11 +522,16 @@ def evaluate_claims(runs: Sequence, headline: str, claims: Sequence[Claim], *, n
         cost_column = COSTS[cost] if cost else claim.cost_column
         b = seed_costs(crossing, claim.baseline, metric, cost_column, threshold)
         a = seed_costs(crossing, claim.arm, metric, cost_column, threshold)
-        result = censored_speedup(b, a, n_boot, level, _rng_for(seed, claim.baseline, claim.arm, cost_column),
-                                  min_seeds)
+        def make_rng(claim=claim, cost_column=cost_column):
+            return _rng_for(seed, claim.baseline, claim.arm, cost_column)
+
+        result = censored_speedup(b, a, n_boot, level, make_rng(), min_seeds)
         verdict, reason = classify(result.ci_low, result.ci_high, claim.claimed_speedup, result.bound)
         if result.bound == NO_BOUND:
             reason = result.reason
+        if verdict == INCONCLUSIVE and result.bound == LOWER:
+            needs = censored_cost_for_claim(b, a, claim.claimed_speedup, make_rng, n_boot, level)
+            row.update(claim_needs_cost=needs, claim_needs_budgets=needs / float(b.limit[~b.reached].max()))
         row.update(speedup=result.speedup, ci_low=result.ci_low,
                    ci_high=result.ci_high, bound=result.bound, censored=result.censored, n_arm=result.n_arm,
                    k_arm=result.k_arm, n_base=result.n_base, k_base=result.k_base, verdict=verdict, reason=reason,
