@@ -160,19 +160,20 @@ def censored_cost_for_claim(base: SeedCosts, arm: SeedCosts, claimed: float, mak
         return float("nan")
     arm_costs = arm.restricted()
     floor = float(base.limit[~base.reached].max())
+    if not floor > 0:
+        return float("nan")
 
     def upper_end(c: float) -> float:
         costs = np.where(base.reached, base.cost, np.maximum(base.limit, c))
         return speedup_ci(costs, arm_costs, n_boot, level, make_rng())[2]
 
-    if not floor > 0:
-        return float("nan")
     if upper_end(floor) >= claimed:
         return floor
     low, high = floor, 2.0 * floor
     while upper_end(high) < claimed:
         low, high = high, 2.0 * high
-        if high > floor * 2.0 ** 60:  # a claim no arrival could reach (not met with a bootstrap of any size)
+        # Unbounded only if too few resamples hold a censored seed for the interval's upper end to move.
+        if high > floor * 2.0 ** 60:
             return math.inf
     while high / low > 1.0 + rel_tol:
         mid = math.sqrt(low * high)
@@ -436,7 +437,8 @@ def tipping_phrase(row: dict) -> str:
     if math.isnan(needs):
         return ""
     if math.isinf(needs):
-        return f"; no arrival of its censored seeds would bring the claimed {row['claimed_speedup']:g}x inside"
+        return (f"; no arrival of {row['baseline']}'s censored seeds would bring the claimed "
+                f"{row['claimed_speedup']:g}x inside the interval")
     if row["claim_needs_budgets"] <= 1.0:
         return (f"; the claimed {row['claimed_speedup']:g}x is inside the interval even if {row['baseline']}'s "
                 f"censored seeds reached the threshold at their budget")
@@ -522,6 +524,7 @@ def evaluate_claims(runs: Sequence, headline: str, claims: Sequence[Claim], *, n
         cost_column = COSTS[cost] if cost else claim.cost_column
         b = seed_costs(crossing, claim.baseline, metric, cost_column, threshold)
         a = seed_costs(crossing, claim.arm, metric, cost_column, threshold)
+
         def make_rng(claim=claim, cost_column=cost_column):
             return _rng_for(seed, claim.baseline, claim.arm, cost_column)
 
