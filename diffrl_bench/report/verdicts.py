@@ -87,6 +87,11 @@ class SeedCosts:
     def k(self) -> int:
         return int(self.reached.sum())
 
+    @property
+    def censoring_budget(self) -> float:
+        """The largest censoring cost among the seeds that did not reach (NaN when every seed reached)."""
+        return float(self.limit[~self.reached].max()) if self.k < self.n else float("nan")
+
     def restricted(self) -> np.ndarray:
         """min(cost, censoring cost) per seed: the cost where reached, else the censoring cost."""
         return np.where(self.reached, self.cost, self.limit)
@@ -159,12 +164,12 @@ def censored_cost_for_claim(base: SeedCosts, arm: SeedCosts, claimed: float, mak
     if base.k == base.n or arm.k < arm.n or min(base.n, arm.n) < 2 or not claimed > 0:
         return float("nan")
     arm_costs = arm.restricted()
-    floor = float(base.limit[~base.reached].max())
+    floor = base.censoring_budget
     if not floor > 0:
         return float("nan")
 
     def upper_end(c: float) -> float:
-        costs = np.where(base.reached, base.cost, np.maximum(base.limit, c))
+        costs = np.where(base.reached, base.cost, c)  # c >= floor: no censored seed arrives before its budget
         return speedup_ci(costs, arm_costs, n_boot, level, make_rng())[2]
 
     if upper_end(floor) >= claimed:
@@ -534,7 +539,7 @@ def evaluate_claims(runs: Sequence, headline: str, claims: Sequence[Claim], *, n
             reason = result.reason
         if verdict == INCONCLUSIVE and result.bound == LOWER:
             needs = censored_cost_for_claim(b, a, claim.claimed_speedup, make_rng, n_boot, level)
-            row.update(claim_needs_cost=needs, claim_needs_budgets=needs / float(b.limit[~b.reached].max()))
+            row.update(claim_needs_cost=needs, claim_needs_budgets=needs / b.censoring_budget)
         row.update(speedup=result.speedup, ci_low=result.ci_low,
                    ci_high=result.ci_high, bound=result.bound, censored=result.censored, n_arm=result.n_arm,
                    k_arm=result.k_arm, n_base=result.n_base, k_base=result.k_base, verdict=verdict, reason=reason,
