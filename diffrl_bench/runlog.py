@@ -126,7 +126,29 @@ def run_info(device_kind: str, world_size: int) -> dict:
             packages[name] = None
     return {"git_commit": git_commit(), "packages": packages, "python": sys.version.split()[0],
             "platform": platform.platform(), "device_kind": device_kind, "world_size": world_size,
-            "command": sys.argv, "cpu_env": cpu_env()}
+            "command": sys.argv, "cpu_env": cpu_env(), "cpu": cpu_kind()}
+
+
+def cpu_model(cpuinfo: str) -> str | None:
+    """The processor's name in a Linux /proc/cpuinfo text (its first `model name` line), None without one."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            return value.strip()
+    return None
+
+
+def cpu_kind() -> dict:
+    """The processor and the vector instruction set torch's CPU kernels dispatch to: which machines can recompute
+    this run bit for bit (float sums differ across them; docs/sweeps.md, "Extending a run whose checkpoints are
+    gone")."""
+    import torch
+
+    try:
+        model = cpu_model(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        model = None
+    return {"model": model or platform.processor() or None, "capability": torch.backends.cpu.get_cpu_capability()}
 
 
 # What decides a CPU run's speed but not its results (the thread count is in device_kind): timings of two runs

@@ -31,6 +31,7 @@ from diffrl_bench.evaluate import (EVAL_EMA, EVAL_PREFIX, build_eval_rewards, ev
 from diffrl_bench.flops import BACKWARD_FACTOR, FlopMeter
 from diffrl_bench.headline import frame_has, headline_column, metric_column
 from diffrl_bench.ledger import CostLedger
+from diffrl_bench.recomputation import RecomputationCheck
 from diffrl_bench.models import THETA, build_policy, calls_per_velocity, index_condition
 from diffrl_bench.plots import plot_reward_vs_cost, save_image_grid
 from diffrl_bench.precision import apply_tf32
@@ -166,6 +167,7 @@ class Trainer:
         self.trackers = Trackers(cfg.log.trackers, OmegaConf.to_container(cfg.log.tracker_options), self.out,
                                  self.accelerator.is_main_process)
         self.checkpoints = self.out / "checkpoints"
+        self.recomputation: Optional[RecomputationCheck] = None
         if cfg.checkpoint.resume:
             self._maybe_resume()
 
@@ -449,6 +451,8 @@ class Trainer:
             grids.append((prefix, name))
         row = {"step": self.step, **metrics, **self.ledger.columns()}
         self.metrics.append(row)
+        if self.recomputation is not None:
+            self.recomputation.check(row)
         self.trackers.log(row, self.step)
         for prefix, name in grids:
             self.trackers.log_images(f"{prefix}/{name}", self.out / f"{name}.png", self.step)
@@ -502,6 +506,7 @@ class Trainer:
             moved = self.metrics.set_aside()
             if moved is not None:
                 log.info("no checkpoint to resume from; earlier metrics moved aside (%s)", moved)
+            self._start_recomputation_check()
             return
         state, snapshots = load_checkpoint(path, model=self.policy.core, optimizer=self.optimizer,
                                            generators=self.processes.own_generators(self.generators),
@@ -513,6 +518,16 @@ class Trainer:
         self.ledger.load_state_dict(state["ledger"])
         dropped = self.metrics.truncate_after(self.step)
         log.info("resumed from %s (step %d; %d later metric rows will be redone)", path, self.step, dropped)
+        self._start_recomputation_check()
+
+    def _start_recomputation_check(self) -> None:
+        # A run that once restarted from step 0 over a set-aside table keeps being compared with it across resumes;
+        # the rows kept from earlier attempts are compared again, so a difference found then is named again now.
+        if not self.accelerator.is_main_process:
+            return
+        self.recomputation = RecomputationCheck.for_run(self.out)
+        for row in self.metrics.rows() if self.recomputation is not None else []:
+            self.recomputation.check(row)
 
     def finished(self) -> bool:
         """The step limit, or a GPU-hour / NFE / FLOP budget (when set), is reached."""
@@ -546,6 +561,8 @@ class Trainer:
             while not last:
                 row = self.rl_step()
                 self.metrics.append(row)
+                if self.recomputation is not None:
+                    self.recomputation.check(row)
                 self.trackers.log(row, row["step"])
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward/mean']:.3f}", gpu_h=f"{row['cost/gpu_hours']:.4f}")

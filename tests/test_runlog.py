@@ -38,3 +38,12 @@ def test_run_info_records_what_shapes_a_cpu_runs_speed(monkeypatch):
     env = run_info("cpu (2 threads)", 1)["cpu_env"]
     assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["LD_PRELOAD"] == "/x/libtcmalloc_minimal.so.4"
     assert env["GOMP_SPINCOUNT"] is None
+
+
+def test_the_cpu_model_is_read_from_cpuinfo():
+    from diffrl_bench.runlog import cpu_model
+
+    text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+            "model name\t: AMD EPYC 9B14\nstepping\t: 1\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 9B14\n")
+    assert cpu_model(text) == "AMD EPYC 9B14"  # not `model`'s 17
+    assert cpu_model("processor\t: 0\nmodel name\t:\n") is None

@@ -181,6 +181,13 @@ def analyse(results_dir, *, baseline: Optional[str] = None, threshold: Optional[
             notes.append(f"{len(short)} extended run(s) stopped short of {extension['extended']:g} "
                          f"{extension['kind']} (not extended yet, or stopped early): {listed}; each such "
                          f"seed is censored at its own last evaluation")
+    for run in full_runs or runs:
+        if run.recomputed is not None:
+            notes.append(f"{run.arm} seed {run.seed} restarted from step 0: it {run.recomputed.describe()}"
+                         + (f"; the evaluations it skipped up to step {run.recomputed.equal_through} are read from "
+                            f"that table" if run.recomputed.evals_matched else ""))
+            if run.recomputed.difference is not None:
+                log.warning("report: %s", notes[-1])
     arms = sorted({r.arm for r in runs})
     unfinished = unfinished_runs(results_dir)
     if unfinished:

@@ -13,6 +13,7 @@ import pandas as pd
 
 from diffrl_bench.headline import frame_has, metric_column, metric_forms
 from diffrl_bench.ledger import PHASES
+from diffrl_bench.recomputation import Recomputation, compare, is_eval, read_table, reference_table
 from diffrl_bench.report.errors import MissingColumnError, NoRunsError, ReportError
 
 # (column, axis label with unit, file/column stem); every run must have these columns.
@@ -40,6 +41,8 @@ class RunResult:
     eval_rewards: List[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     """the run's config.yaml as written (empty when there is none)"""
+    recomputed: Optional[Recomputation] = None
+    """for a run that restarted from step 0 over a set-aside table: how its rows compare with that table"""
 
     def eval_points(self, column: str) -> pd.DataFrame:
         """Eval rows (where `column` has a value) with the cost axes, in step order."""
@@ -107,6 +110,32 @@ def _prepare_frame(frame: pd.DataFrame, directory: Path) -> pd.DataFrame:
     return frame
 
 
+def _recomputation(frame: pd.DataFrame, directory: Path) -> Tuple[pd.DataFrame, Optional[Recomputation]]:
+    """A run that restarted from step 0 over a set-aside table (recomputation.py): the comparison, and the frame
+    with the evaluations that the recomputation skipped read from that table at the steps it reproduced bit for bit
+    (the same weights, evaluated the same way: at least one evaluation both hold agrees). Evaluations the run
+    made itself are never replaced."""
+    table = reference_table(directory)
+    if table is None:
+        return frame, None
+    result = compare(table, read_table(directory / "metrics.csv"))
+    if not result.evals_matched or "step" not in frame:
+        return frame, result
+    before = read_table(table)
+    skipped = [{"step": step, **{k: v for k, v in row.items() if is_eval(k)}}
+               for step, row in before.items() if step <= result.equal_through]
+    skipped = pd.DataFrame([row for row in skipped if len(row) > 1])
+    if skipped.empty:
+        return frame, result
+    own = frame.set_index("step")
+    skipped = skipped.set_index("step")
+    skipped = skipped[skipped.index.isin(own.index)]
+    evaluated = own.filter(regex=r"^eval/").notna().any(axis=1)
+    skipped = skipped[~skipped.index.isin(own.index[evaluated])]
+    merged = own.combine_first(skipped)[list(own.columns) + [c for c in skipped.columns if c not in own.columns]]
+    return merged.reset_index(), result
+
+
 def load_runs(results_dir) -> List[RunResult]:
     """Every run under `results_dir` (recursively: each folder with a `metrics.csv`), sorted by arm and seed.
 
@@ -136,7 +165,8 @@ def load_runs(results_dir) -> List[RunResult]:
         except (ValueError, OSError) as error:
             raise ReportError(f"cannot read {metrics}: {error}") from error
         rewards = list((config.get("eval") or {}).get("rewards") or [])
-        runs.append(RunResult(arm, seed, directory, _prepare_frame(frame, directory), rewards, config))
+        frame, recomputed = _recomputation(frame, directory)
+        runs.append(RunResult(arm, seed, directory, _prepare_frame(frame, directory), rewards, config, recomputed))
     if not runs:
         raise NoRunsError(f"no runs under {root}: no folder there holds a metrics.csv")
     runs.sort(key=lambda r: (r.arm, r.seed))
