@@ -7,8 +7,9 @@ the same thread count, the restart recomputes that table bit for bit, and its co
 the continuation of the same trajectory. On another machine kind the float sums differ from the first step, and the
 restart is a new draw of the seed: extending only the seeds that were censored by redrawing them would favour the
 arm (a slow seed replaced by a random one). This module tells the two apart, for the Trainer as the rows come
-(a warning at the first difference, so hours are not spent on a draw nobody asked for) and for `report`, which
-then reads the evaluations a recomputation skipped from the set-aside table it equals.
+(a warning at the first difference, so hours are not spent on a draw nobody asked for; while the rows agree, the
+evaluations the table holds are skipped) and for `report`, which then reads those evaluations from the set-aside
+table the run equals.
 """
 from __future__ import annotations
 
@@ -166,6 +167,10 @@ class RecomputationCheck:
         self.last = max(self.before) if self.before else 0
         self.warned = False
         self.announced = False
+        self.equal_through = -1
+        """the last step whose rows all equal the table's (-1: none yet)"""
+        self.evals_matched = 0
+        self.skipping_announced = False
         log.info("restarted from step 0 with an earlier table set aside (%s, through step %d): each row is compared "
                  "with it", table.name, self.last)
 
@@ -179,6 +184,9 @@ class RecomputationCheck:
         if self.warned or step not in self.before:
             return
         difference = row_difference(self.before[step], row)
+        if difference is None:
+            self.equal_through = step
+            self.evals_matched += any(is_eval(c) and c in self.before[step] for c in row)
         if difference is not None:
             self.warned = True
             log.warning("this run differs from its set-aside table %s at %s: it is a new draw of the seed, not a "
@@ -188,3 +196,15 @@ class RecomputationCheck:
             self.announced = True
             log.info("steps 1-%d recompute %s bit for bit; from here on the run continues that trajectory", step,
                      self.table.name)
+
+    def holds_eval(self, step: int) -> bool:
+        """Whether the evaluation due at `step` can be left to the table: this step's row equals the table's, the
+        table evaluated at this step, and an evaluation both hold agrees (the step-0 one: the table was evaluated
+        as this run evaluates). `report` then reads it from the table; a recomputation costs its training only."""
+        held = (not self.warned and self.evals_matched > 0 and self.equal_through == step
+                and any(is_eval(c) for c in self.before.get(step, {})))
+        if held and not self.skipping_announced:
+            self.skipping_announced = True
+            log.info("step %d: the evaluations %s holds are skipped while this run recomputes it (report reads them "
+                     "from it)", step, self.table.name)
+        return held

@@ -520,6 +520,11 @@ class Trainer:
         log.info("resumed from %s (step %d; %d later metric rows will be redone)", path, self.step, dropped)
         self._start_recomputation_check()
 
+    def _eval_held(self) -> bool:
+        # The main process compares the rows; every process must agree, since evaluating is a collective.
+        held = self.recomputation is not None and self.recomputation.holds_eval(self.step)
+        return self.processes.broadcast_flag(held)
+
     def _start_recomputation_check(self) -> None:
         # A run that once restarted from step 0 over a set-aside table keeps being compared with it across resumes;
         # the rows kept from earlier attempts are compared again, so a difference found then is named again now.
@@ -567,7 +572,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward/mean']:.3f}", gpu_h=f"{row['cost/gpu_hours']:.4f}")
                 last = self.finished()
-                if not last and cfg.eval.every > 0 and self.step % cfg.eval.every == 0:
+                if not last and cfg.eval.every > 0 and self.step % cfg.eval.every == 0 and not self._eval_held():
                     self.run_eval(f"step{self.step:05d}")
                 if not last and cfg.checkpoint.every > 0 and self.step % cfg.checkpoint.every == 0:
                     self.save()

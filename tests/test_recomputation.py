@@ -101,9 +101,10 @@ def test_a_restart_over_its_committed_table_recomputes_it_and_the_report_reads_i
     train(load_config("toy_nft", tiny_run("train.steps=3", "eval.every=1", *COMMON, out=first)), progress=False)
     extended = _committed_copy(first, tmp_path / "results" / "extended")
     caplog.set_level(logging.INFO, logger="diffrl_bench")
-    # Extended to 5 steps; evaluating only at its start and end, as a recomputation that saves time would.
-    train(load_config("toy_nft", tiny_run("train.steps=5", "eval.every=100", *COMMON, out=extended)), progress=False)
+    # Extended to 5 steps, evaluating at every step as the first run did.
+    train(load_config("toy_nft", tiny_run("train.steps=5", "eval.every=1", *COMMON, out=extended)), progress=False)
     assert "steps 1-3 recompute metrics.csv.attempt1 bit for bit" in caplog.text
+    assert "step 1: the evaluations metrics.csv.attempt1 holds are skipped" in caplog.text
     assert "differs from its set-aside table" not in caplog.text
     before, after = pd.read_csv(first / "metrics.csv"), pd.read_csv(extended / "metrics.csv")
     assert after[after["step"] <= 3][list(TRAIN)].equals(before[list(TRAIN)])  # the premise, checked directly
@@ -114,10 +115,11 @@ def test_a_restart_over_its_committed_table_recomputes_it_and_the_report_reads_i
     score = "eval/test_brightness"
     read = run.frame.set_index("step")[score]
     own = after.set_index("step")[score]
-    assert own[[1, 2, 3, 4]].isna().all() and own[[0, 5]].notna().all()
+    # The run evaluated at step 0 (which agreed with the table) and past the table; steps 1-3 it left to the table.
+    assert own[[1, 2, 3]].isna().all() and own[[0, 4, 5]].notna().all()
     assert read[[0, 1, 2, 3]].tolist() == before.set_index("step")[score][[0, 1, 2, 3]].tolist()
     assert read[[0, 1, 2, 3]].nunique() == 4  # the policy's evaluations moved, so equal ones mean something
-    assert np.isnan(read[4]) and read[5] == own[5]
+    assert read[[4, 5]].tolist() == own[[4, 5]].tolist()
 
 
 def test_a_restart_that_draws_anew_is_named_at_its_first_differing_step(tiny_run, tmp_path, caplog):
@@ -128,13 +130,15 @@ def test_a_restart_that_draws_anew_is_named_at_its_first_differing_step(tiny_run
     table.loc[table["step"] == 2, "train/grad_norm"] *= 1 + 1e-12  # what another machine's float sums look like
     table.to_csv(other / "metrics.csv", index=False)
     caplog.set_level(logging.INFO, logger="diffrl_bench")
-    train(load_config("toy_nft", tiny_run("train.steps=3", "eval.every=100", *COMMON, out=other)), progress=False)
+    train(load_config("toy_nft", tiny_run("train.steps=3", "eval.every=1", *COMMON, out=other)), progress=False)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("differs from its set-aside table metrics.csv.attempt1 at step 2: train/grad_norm" in w
                for w in warnings), warnings
 
     (run,) = load_runs(tmp_path / "results")
     assert run.recomputed.difference.step == 2 and run.recomputed.equal_through == 1
-    # Only the evaluation at step 1, before the difference, is read from the table; step 3's is the run's own.
+    # Step 1's evaluation, before the difference, was left to the table; from step 2 on the run evaluates itself.
+    own = pd.read_csv(other / "metrics.csv").set_index("step")["eval/test_brightness"]
+    assert own.notna().tolist() == [True, False, True, True]
     evaluated = run.frame[run.frame["eval/test_brightness"].notna()]["step"].tolist()
-    assert evaluated == [0, 1, 3]
+    assert evaluated == [0, 1, 2, 3]
