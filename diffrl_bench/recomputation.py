@@ -171,8 +171,8 @@ class RecomputationCheck:
         """the last step whose rows all equal the table's (-1: none yet)"""
         self.evals_matched = 0
         self.skipping_announced = False
-        log.info("restarted from step 0 with an earlier table set aside (%s, through step %d): each row is compared "
-                 "with it", table.name, self.last)
+        log.info("this run once restarted from step 0 over an earlier table, set aside as %s (through step %d): each "
+                 "of its rows is compared with it", table.name, self.last)
 
     @classmethod
     def for_run(cls, directory: Path) -> Optional["RecomputationCheck"]:
